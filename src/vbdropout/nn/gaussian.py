@@ -1,0 +1,281 @@
+"""Linear and convolutional layers with a Gaussian posterior on every weight.
+
+q(w) = N(θ, αθ²) = N(θ, σ²). One layer class serves VBD, sparse VD and
+Kingma's VD; the method is the prior (:mod:`vbdropout.priors`) and how α is
+shared:
+
+- ``alpha_per="weight"`` — the additive reparameterization of Molchanov et al.
+  (2017): parameters ``weight`` (θ) and ``log_sigma2`` (log σ²), so that the
+  gradient of θ carries no noise from α; α = σ²/θ².
+- ``alpha_per="unit"`` / ``"layer"`` — Kingma et al. (2015): one log α per
+  output unit (or channel) or per layer, parameter ``log_alpha_tied``, and
+  σ² = αθ².
+
+Training forward uses the local reparameterization trick: the pre-activation
+b = x·W is Gaussian with mean x·θ and variance x²·σ², so b is sampled directly
+(two matrix products or two convolutions, independent noise per example).
+Evaluation is deterministic: the posterior mean with the weights whose log α
+exceeds ``threshold`` set to zero. With ``mc = True`` evaluation samples the
+same way as training, from the posterior of the kept weights.
+
+log α is clipped to :data:`LOG_ALPHA_RANGE` = [−8, 8] (the sparse VD
+reference range), further capped by the prior (α ≤ 1 for Kingma's), and is
+computed as log σ² − log(θ² + 1e−8), finite as θ → 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..priors import Prior, get_prior
+from .base import VariationalModule
+
+__all__ = [
+    "LOG_ALPHA_RANGE",
+    "Conv1dVBD",
+    "Conv2dVBD",
+    "Conv3dVBD",
+    "GaussianWeight",
+    "LinearVBD",
+]
+
+LOG_ALPHA_RANGE: tuple[float, float] = (-8.0, 8.0)
+_THETA_EPS = 1e-8
+_VAR_EPS = 1e-8
+AlphaPer = Literal["weight", "unit", "layer"]
+
+
+def _validate_threshold(threshold: float | None) -> float | None:
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a number or None, got {type(threshold).__name__}")
+    low, high = LOG_ALPHA_RANGE
+    if not low <= threshold <= high:  # also rejects NaN
+        raise ValueError(
+            f"threshold is a log α value and must lie in the clip range [{low}, {high}], "
+            f"got {threshold}; use None to disable pruning"
+        )
+    return float(threshold)
+
+
+class GaussianWeight(VariationalModule):
+    """Mixin: Gaussian posterior on ``self.weight`` with the LRT forward.
+
+    Subclasses combine it with a torch layer and implement :meth:`_apply_weight`.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    check_inputs: bool = True
+
+    def __init__(
+        self,
+        *args: Any,
+        prior: str | Prior = "hierarchical",
+        alpha_per: AlphaPer = "weight",
+        threshold: float | None = 3.0,
+        train_clip: bool = False,
+        init_log_sigma2: float = -10.0,
+        init_log_alpha: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        """``args``/``kwargs`` go to the torch layer unchanged (same signature).
+
+        prior: ``hierarchical`` (VBD), ``log_uniform`` (sparse VD), ``kingma`` or a
+            :class:`~vbdropout.priors.Prior`.
+        alpha_per: ``weight`` (additive reparameterization), ``unit`` or ``layer``.
+        threshold: log α above which a weight is pruned at evaluation; ``None``
+            never prunes.
+        train_clip: also drop the pruned weights while training (sparse VD protocol).
+        init_log_sigma2: initial log σ² (``alpha_per="weight"``).
+        init_log_alpha: initial log α (tied α).
+        """
+        super().__init__(*args, **kwargs)
+        self.prior = get_prior(prior)
+        if alpha_per not in ("weight", "unit", "layer"):
+            raise ValueError(f"alpha_per must be 'weight', 'unit' or 'layer', got {alpha_per!r}")
+        self.alpha_per = alpha_per
+        self.threshold = threshold
+        self.train_clip = bool(train_clip)
+        self.init_log_sigma2 = float(init_log_sigma2)
+        self.init_log_alpha = float(init_log_alpha)
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        if alpha_per == "weight":
+            self.log_sigma2 = nn.Parameter(torch.empty_like(self.weight))
+        else:
+            ndim = self.weight.dim()
+            out = self.weight.shape[0] if alpha_per == "unit" else 1
+            self.log_alpha_tied = nn.Parameter(torch.empty((out,) + (1,) * (ndim - 1), **factory))
+        self.reset_variational_parameters()
+
+    @property
+    def threshold(self) -> float | None:
+        """log α above which a weight is pruned at evaluation (``None``: never)."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float | None) -> None:
+        self._threshold = _validate_threshold(value)
+
+    def reset_parameters(self) -> None:
+        """Reset θ and the bias as the torch layer does, then the variance."""
+        super().reset_parameters()  # type: ignore[misc]
+        if hasattr(self, "alpha_per"):  # not yet during the torch layer's __init__
+            self.reset_variational_parameters()
+
+    def reset_variational_parameters(self) -> None:
+        with torch.no_grad():
+            if self.alpha_per == "weight":
+                self.log_sigma2.fill_(self.init_log_sigma2)
+            else:
+                self.log_alpha_tied.fill_(self.init_log_alpha)
+
+    @property
+    def _log_alpha_max(self) -> float:
+        cap = self.prior.max_log_alpha
+        return LOG_ALPHA_RANGE[1] if cap is None else min(cap, LOG_ALPHA_RANGE[1])
+
+    @property
+    def log_alpha(self) -> Tensor:
+        """Clipped log α, shaped like ``weight`` (per-weight) or broadcastable to it (tied)."""
+        if self.alpha_per == "weight":
+            raw = self.log_sigma2 - torch.log(self.weight * self.weight + _THETA_EPS)
+        else:
+            raw = self.log_alpha_tied
+        return raw.clamp(LOG_ALPHA_RANGE[0], self._log_alpha_max)
+
+    def sigma2(self) -> Tensor:
+        """Posterior variance σ² of every weight."""
+        theta2 = self.weight * self.weight
+        if self.alpha_per != "weight":
+            return self.log_alpha.exp() * theta2
+        sigma2 = self.log_sigma2.exp()
+        if self.prior.max_log_alpha is not None:
+            sigma2 = torch.minimum(sigma2, theta2 * math.exp(self._log_alpha_max))
+        return sigma2
+
+    def keep_mask(self, threshold: float | str | None = "own") -> Tensor:
+        """Boolean mask of the weights that survive pruning: log α ≤ threshold.
+
+        ``threshold="own"`` uses the layer's :attr:`threshold`; ``None`` keeps all.
+        """
+        threshold = self.threshold if threshold == "own" else _validate_threshold(threshold)  # type: ignore[arg-type]
+        if threshold is None:
+            return torch.ones_like(self.weight, dtype=torch.bool)
+        return (self.log_alpha <= threshold).expand_as(self.weight)
+
+    def masked_weight(self) -> Tensor:
+        """The posterior mean θ with the pruned weights set to zero."""
+        return self.weight * self.keep_mask()
+
+    def kl(self) -> Tensor:
+        """KL(q(W) || p(W)) summed over the layer's weights (biases are deterministic)."""
+        kl = self.prior.kl(self.log_alpha)
+        return kl.sum() * (self.weight.numel() // kl.numel())
+
+    def _apply_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def _check_input(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.check_inputs:
+            self._check_input(x)
+            if not torch.isfinite(x).all():
+                raise ValueError(f"{type(self).__name__} got an input containing NaN or inf")
+        if not self.sampling():
+            return self._apply_weight(x, self.masked_weight(), self.bias)
+        theta, sigma2 = self.weight, self.sigma2()
+        if self.mc or self.train_clip:
+            mask = self.keep_mask()
+            theta, sigma2 = theta * mask, sigma2 * mask
+        mean = self._apply_weight(x, theta, self.bias)
+        var = self._apply_weight(x * x, sigma2, None)
+        return mean + torch.sqrt(var + _VAR_EPS) * torch.randn_like(mean)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, prior={self.prior.name}, alpha_per={self.alpha_per}, "
+            f"threshold={self.threshold}, train_clip={self.train_clip}"
+        )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Accept a plain layer's state_dict: θ and bias from it, the variance at its init."""
+        names = ("log_sigma2",) if self.alpha_per == "weight" else ("log_alpha_tied",)
+        absent = [prefix + n for n in names if prefix + n not in state_dict]
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if absent and prefix + "weight" in state_dict:
+            for key in absent:
+                missing_keys.remove(key)
+            self.reset_variational_parameters()
+
+
+class LinearVBD(GaussianWeight, nn.Linear):
+    """``nn.Linear`` with q(w) = N(θ, αθ²) per weight; see the module docstring.
+
+    ``LinearVBD(in_features, out_features, bias=True, *, prior="hierarchical", ...)``.
+    """
+
+    def _apply_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return nn.functional.linear(x, weight, bias)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__} expects inputs whose last dimension is "
+                f"in_features={self.in_features}, got shape {tuple(x.shape)}"
+            )
+
+
+class _ConvGaussianWeight(GaussianWeight):
+    """Convolution with q(w) = N(θ, αθ²); the variance uses a second convolution."""
+
+    in_channels: int
+    _spatial_dims: int
+
+    def _apply_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
+
+    def _check_input(self, x: Tensor) -> None:
+        d = self._spatial_dims
+        if x.dim() not in (d + 1, d + 2) or x.shape[-d - 1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects inputs of shape (N, {self.in_channels}, "
+                f"{', '.join('*' * d)}) or without the batch dimension, "
+                f"got shape {tuple(x.shape)}"
+            )
+
+
+class Conv1dVBD(_ConvGaussianWeight, nn.Conv1d):
+    """``nn.Conv1d`` with a Gaussian posterior per weight (same signature + VBD options)."""
+
+    _spatial_dims = 1
+
+
+class Conv2dVBD(_ConvGaussianWeight, nn.Conv2d):
+    """``nn.Conv2d`` with a Gaussian posterior per weight (same signature + VBD options)."""
+
+    _spatial_dims = 2
+
+
+class Conv3dVBD(_ConvGaussianWeight, nn.Conv3d):
+    """``nn.Conv3d`` with a Gaussian posterior per weight (same signature + VBD options)."""
+
+    _spatial_dims = 3

@@ -1,0 +1,128 @@
+"""KL terms of the variational posterior q(w) = N(θ, αθ²) to a prior on the weights.
+
+A method that puts a Gaussian posterior on the weights (or on multiplicative
+noise) differs from its siblings only here: the layer code is shared and the
+prior says how much each dropout rate α costs. Every prior maps ``log α``
+elementwise to KL(q(w) || p(w)) per weight, in nats, and may cap α.
+
+- :class:`HierarchicalPrior` — this paper (Liu et al. 2019). p(w|γ) = N(0, γ),
+  p(γ) = U(a, b); the optimal γ* = θ² + αθ² (Eq. 16) gives
+  KL = ½·log(1 + 1/α) (Eq. 17/18), a proper prior.
+- :class:`LogUniformPrior` — sparse variational dropout (Molchanov et al. 2017):
+  the improper log-uniform prior p(|w|) ∝ 1/|w|, KL approximated by
+  −k1·σ(k2 + k3·log α) + ½·log(1 + 1/α) + k1, accurate for every α.
+- :class:`KingmaLogUniformPrior` — variational dropout (Kingma et al. 2015):
+  the same prior with Kingma's cubic approximation
+  −KL ≈ C + ½·log α + c1·α + c2·α² + c3·α³, valid only for α ≤ 1, so it caps
+  log α at 0. Kingma ties α per layer or per output unit.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "PRIORS",
+    "HierarchicalPrior",
+    "KingmaLogUniformPrior",
+    "LogUniformPrior",
+    "Prior",
+    "get_prior",
+]
+
+
+class Prior:
+    """The KL term of one method, as a function of log α (elementwise).
+
+    ``max_log_alpha`` is the largest log α the approximation is valid for
+    (``None``: no cap beyond the layers' numerical clip).
+    """
+
+    name: ClassVar[str]
+    max_log_alpha: ClassVar[float | None] = None
+
+    def kl(self, log_alpha: Tensor) -> Tensor:
+        """KL(q(w) || p(w)) for each weight, same shape as ``log_alpha``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class HierarchicalPrior(Prior):
+    """VBD's Gaussian–uniform hierarchical prior: KL = ½·log(1 + 1/α) (Eq. 17/18).
+
+    Written as ½·softplus(−log α), which is exact and stable for any log α.
+    """
+
+    name = "hierarchical"
+
+    def kl(self, log_alpha: Tensor) -> Tensor:
+        return 0.5 * F.softplus(-log_alpha)
+
+
+class LogUniformPrior(Prior):
+    """Sparse VD's log-uniform prior with Molchanov et al.'s (2017) approximation.
+
+    KL ≈ k1 − k1·σ(k2 + k3·log α) + ½·log(1 + 1/α), with k1 = 0.63576,
+    k2 = 1.87320, k3 = 1.48695; the constant k1 makes KL → 0 as α → ∞.
+    """
+
+    name = "log_uniform"
+    k1, k2, k3 = 0.63576, 1.87320, 1.48695
+
+    def kl(self, log_alpha: Tensor) -> Tensor:
+        return (
+            self.k1
+            - self.k1 * torch.sigmoid(self.k2 + self.k3 * log_alpha)
+            + 0.5 * F.softplus(-log_alpha)
+        )
+
+
+class KingmaLogUniformPrior(Prior):
+    """Kingma et al.'s (2015) cubic approximation of the log-uniform KL, for α ≤ 1.
+
+    −KL ≈ C + ½·log α + c1·α + c2·α² + c3·α³ with c1 = 1.16145124,
+    c2 = −1.50204118, c3 = 0.58629921. Kingma leave C open; we set it so that
+    the value at α = 1 equals :class:`LogUniformPrior`'s, which makes the two
+    log-uniform methods report comparable KL values.
+    """
+
+    name = "kingma"
+    max_log_alpha = 0.0
+    c1, c2, c3 = 1.16145124, -1.50204118, 0.58629921
+
+    def __init__(self) -> None:
+        at_one = LogUniformPrior().kl(torch.zeros(())).item()
+        self._constant = at_one + self.c1 + self.c2 + self.c3
+
+    def kl(self, log_alpha: Tensor) -> Tensor:
+        alpha = log_alpha.exp()
+        return self._constant - (
+            0.5 * log_alpha + alpha * (self.c1 + alpha * (self.c2 + alpha * self.c3))
+        )
+
+
+PRIORS: dict[str, type[Prior]] = {
+    cls.name: cls for cls in (HierarchicalPrior, LogUniformPrior, KingmaLogUniformPrior)
+}
+
+
+def get_prior(prior: str | Prior) -> Prior:
+    """Return a :class:`Prior` from its name (``hierarchical``, ``log_uniform``, ``kingma``)."""
+    if isinstance(prior, Prior):
+        return prior
+    if isinstance(prior, str) and prior in PRIORS:
+        return PRIORS[prior]()
+    known = ", ".join(sorted(PRIORS))
+    raise ValueError(f"unknown prior {prior!r}; known priors: {known}")
