@@ -1,0 +1,58 @@
+"""The model registry builds every network with every method."""
+
+import pytest
+import torch
+from torch import nn
+
+from vbdropout.models import METHODS, MODELS, build_model
+from vbdropout.nn import GaussianWeight
+
+SHAPES = {
+    "mlp_srivastava": (1, 28, 28),
+    "lenet300_100": (1, 28, 28),
+    "lenet500_300": (1, 28, 28),
+    "lenet5_caffe": (1, 28, 28),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_model_with_every_method(name, method):
+    model = build_model(name, method, input_shape=SHAPES[name])
+    x = torch.randn(3, *SHAPES[name])
+    assert model.train()(x).shape == (3, 10)
+    assert model.eval()(x).shape == (3, 10)
+    variational = [m for m in model.modules() if isinstance(m, GaussianWeight)]
+    assert bool(variational) == (method != "none")
+    prior = {"vbd": "hierarchical", "sparse_vd": "log_uniform"}.get(method)
+    assert all(m.prior.name == prior for m in variational)
+
+
+def test_layer_sizes_follow_the_paper():
+    widths = [
+        (m.in_features, m.out_features)
+        for m in build_model("lenet300_100", "none").modules()
+        if isinstance(m, nn.Linear)
+    ]
+    assert widths == [(784, 300), (300, 100), (100, 10)]
+    lenet5 = build_model("lenet5_caffe", "vbd")
+    shapes = [tuple(p.shape) for n, p in lenet5.named_parameters() if n.endswith("weight")]
+    assert shapes == [(20, 1, 5, 5), (50, 20, 5, 5), (500, 800), (10, 500)]
+    srivastava = build_model("mlp_srivastava", "none", width=340)
+    assert [m.out_features for m in srivastava if isinstance(m, nn.Linear)] == [340, 340, 340, 10]
+
+
+def test_method_options_and_errors():
+    model = build_model(
+        "lenet300_100", "vbd", method_options={"threshold": 2.0, "train_clip": True}
+    )
+    layer = model[1]
+    assert layer.threshold == 2.0 and layer.train_clip
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        build_model("resnet")
+    with pytest.raises(ValueError, match="unknown method 'magic'"):
+        build_model("lenet300_100", "magic")
+    with pytest.raises(ValueError, match="bad options for method 'none'"):
+        build_model("lenet300_100", "none", method_options={"threshold": 3.0})
+    with pytest.raises(ValueError, match="at least 16×16"):
+        build_model("lenet5_caffe", input_shape=(1, 8, 8))
