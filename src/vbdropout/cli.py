@@ -7,6 +7,7 @@ line of stdout. Bad arguments give a one-line error and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -45,6 +46,119 @@ def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from .train import TrainConfig, load_config, train
+
+    if args.config:
+        config = load_config(args.config)
+        overrides = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS and v is not None}
+        config = dataclasses.replace(config, **overrides)
+    else:
+        fields = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS and v is not None}
+        config = TrainConfig(**fields)
+    network = {k: getattr(args, k) for k in ("width", "scale") if getattr(args, k) is not None}
+    config.network.update(network)
+    if config.out == TrainConfig.out:
+        config.out = f"runs/{config.model}-{config.method}-{config.dataset}-seed{config.seed}"
+    summary = train(config, resume=args.resume, progress=not args.json)
+    if not args.json:
+        compression = summary["compression"]
+        print(
+            f"{config.model}/{config.method} on {config.dataset}: test error "
+            f"{100 * summary['test_error']:.2f}%, |W|/|W≠0| = {compression['compression_ratio']}, "
+            f"sparsity per layer {compression['sparsity_per_layer']} %, "
+            f"run dir {summary['run_dir']}"
+        )
+    return summary
+
+
+def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from .train.trainer import evaluate_run
+
+    result = evaluate_run(args.run, args.mc_samples, args.data_dir, args.device)
+    if not args.json:
+        lines = [f"{result['model']}/{result['method']} on {result['dataset']}"]
+        lines.append(
+            f"  deterministic: error {100 * result['error']:.2f}%  NLL {result['nll']:.4f}  "
+            f"ECE {result['ece']:.4f}"
+        )
+        if args.mc_samples:
+            lines.append(
+                f"  MC ({args.mc_samples} samples): error {100 * result['mc_error']:.2f}%  "
+                f"NLL {result['mc_nll']:.4f}  ECE {result['mc_ece']:.4f}"
+            )
+        print("\n".join(lines))
+    return result
+
+
+_TRAIN_FIELDS = {
+    "model",
+    "method",
+    "dataset",
+    "out",
+    "epochs",
+    "batch_size",
+    "lr",
+    "lr_decay_start",
+    "kl_warmup",
+    "seed",
+    "device",
+    "data_dir",
+    "train_subset",
+    "threshold",
+    "train_clip",
+    "init",
+}
+
+
+def _add_train_parser(sub: Any) -> None:
+    from .data import DATASETS
+    from .models import METHODS, MODELS
+
+    train = sub.add_parser(
+        "train",
+        help="train a network with a method on a dataset (resumable run directory)",
+        description="Train MODEL with METHOD on DATASET. Unset options take the model's "
+        "protocol defaults (vbdropout/train/protocols.py).",
+    )
+    train.add_argument("--model", choices=sorted(MODELS))
+    train.add_argument("--method", choices=sorted(METHODS))
+    train.add_argument("--dataset", choices=sorted(DATASETS))
+    train.add_argument("--config", help="TOML config (e.g. a run's config.toml); flags override it")
+    train.add_argument("--epochs", type=_positive_int)
+    train.add_argument("--batch-size", type=_positive_int)
+    train.add_argument("--lr", type=_positive_float)
+    train.add_argument("--lr-decay-start", type=int, help="epoch where lr starts its linear decay")
+    train.add_argument("--kl-warmup", type=int, nargs=2, metavar=("START", "END"))
+    train.add_argument("--seed", type=int)
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    train.add_argument("--out", help="run directory (default runs/MODEL-METHOD-DATASET-seedS)")
+    train.add_argument("--data-dir", help="data folder (default $VBD_DATA_DIR or the user cache)")
+    train.add_argument(
+        "--train-subset", type=_positive_int, help="use the first K training examples"
+    )
+    train.add_argument("--threshold", type=float, help="log α pruning threshold (default 3)")
+    train.add_argument("--train-clip", action="store_true", default=None)
+    train.add_argument("--init", help="initialize from a checkpoint (e.g. a pretrained plain net)")
+    train.add_argument("--width", type=_positive_int, help="hidden width of mlp_srivastava")
+    train.add_argument("--scale", type=_positive_float, help="width scale of kingma_cifar")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--json", action="store_true", help="print one JSON object as last line")
+    train.set_defaults(run_command=_cmd_train)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="test error, NLL and calibration of a trained run",
+        description="Evaluate RUN (a run directory or checkpoint.pt) on its dataset's test split.",
+    )
+    evaluate.add_argument("run")
+    evaluate.add_argument("--mc-samples", type=int, default=0, help="also average K sampled passes")
+    evaluate.add_argument("--data-dir")
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object as last line")
+    evaluate.set_defaults(run_command=_cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vbd", description="Variational Bayesian Dropout: train, compress, reproduce."
@@ -61,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--lr", type=_positive_float, default=3e-3)
     demo.add_argument("--json", action="store_true", help="print one JSON object as last line")
-    demo.set_defaults(run=_cmd_demo)
+    demo.set_defaults(run_command=_cmd_demo)
+    _add_train_parser(sub)
     return parser
 
 
@@ -69,8 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        result = args.run(args)
-    except (ValueError, OSError, ImportError) as err:
+        result = args.run_command(args)
+    except (ValueError, OSError, ImportError, RuntimeError) as err:
         print(f"vbd {args.command}: error: {err}", file=sys.stderr)
         return 1
     if args.json:

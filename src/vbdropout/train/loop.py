@@ -75,7 +75,7 @@ def train_epoch(
 def evaluate(
     model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000, mc_samples: int = 0
 ) -> dict[str, Any]:
-    """Test error and NLL of the deterministic (pruned posterior-mean) network.
+    """Test error, NLL and ECE of the deterministic (pruned posterior-mean) network.
 
     With ``mc_samples = K > 0``, also of the predictive distribution averaged
     over K sampled forward passes (``mc_error``, ``mc_nll``).
@@ -95,8 +95,15 @@ def evaluate(
     return result
 
 
-def _scores(probs: Tensor, y: Tensor) -> dict[str, float]:
+def _scores(probs: Tensor, y: Tensor, bins: int = 15) -> dict[str, float]:
+    """Error, NLL and expected calibration error (equal-width confidence bins)."""
+    confidence, predicted = probs.max(1)
+    correct = (predicted == y).float()
+    which = (confidence * bins).long().clamp_max(bins - 1)
+    count = torch.zeros(bins, device=probs.device).index_add_(0, which, torch.ones_like(confidence))
+    gap = torch.zeros(bins, device=probs.device).index_add_(0, which, confidence - correct)
     return {
-        "error": (probs.argmax(1) != y).float().mean().item(),
+        "error": 1.0 - correct.mean().item(),
         "nll": F.nll_loss(probs.clamp_min(1e-12).log(), y).item(),
+        "ece": (gap.abs().sum() / count.sum()).item(),
     }

@@ -1,0 +1,17 @@
+"""Training: the SGVLB loop, schedules, protocols, resumable runs."""
+
+from .config import ConfigError, TrainConfig, load_config, resolve_config
+from .loop import DivergenceError, evaluate, train_epoch
+from .trainer import RunLockedError, train
+
+__all__ = [
+    "ConfigError",
+    "DivergenceError",
+    "RunLockedError",
+    "TrainConfig",
+    "evaluate",
+    "load_config",
+    "resolve_config",
+    "train",
+    "train_epoch",
+]

@@ -1,0 +1,161 @@
+"""The configuration of one training run, its validation and its TOML form."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..data import DATASETS
+from ..models import METHODS, MODELS
+from .protocols import PROTOCOLS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["ConfigError", "TrainConfig", "load_config", "resolve_config", "to_toml"]
+
+
+class ConfigError(ValueError):
+    """An invalid training configuration."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run. ``None`` fields take the model's protocol default."""
+
+    model: str = "lenet300_100"
+    method: str = "vbd"
+    dataset: str = "mnist"
+    out: str = "runs/run"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    lr_decay_start: int | None = None
+    kl_warmup: tuple[int, int] | None = None
+    seed: int = 0
+    device: str = "auto"
+    data_dir: str | None = None
+    train_subset: int | None = None
+    threshold: float = 3.0
+    train_clip: bool = False
+    init: str | None = None
+    network: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Validate ``config`` and fill the protocol defaults; returns a new config."""
+    _check(config.model in MODELS, f"unknown model {config.model!r}; known: {', '.join(MODELS)}")
+    _check(
+        config.method in METHODS, f"unknown method {config.method!r}; known: {', '.join(METHODS)}"
+    )
+    _check(
+        config.dataset in DATASETS,
+        f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}",
+    )
+    _check(
+        config.device in ("auto", "cpu", "cuda"),
+        f"device must be auto, cpu or cuda, got {config.device!r}",
+    )
+    protocol = PROTOCOLS[config.model]
+    resolved = dataclasses.replace(
+        config,
+        epochs=protocol.epochs if config.epochs is None else config.epochs,
+        batch_size=protocol.batch_size if config.batch_size is None else config.batch_size,
+        lr=protocol.lr if config.lr is None else config.lr,
+        kl_warmup=tuple(config.kl_warmup or protocol.kl_warmup),
+        network=dict(config.network),
+    )
+    if config.kl_warmup is None and config.epochs is not None:
+        # keep the protocol's proportions (rounded up) when the number of epochs changes
+        resolved.kl_warmup = tuple(
+            -(-e * resolved.epochs // protocol.epochs) for e in protocol.kl_warmup
+        )
+    if config.lr_decay_start is None and protocol.lr_decay_start is not None:
+        resolved.lr_decay_start = resolved.epochs * protocol.lr_decay_start // protocol.epochs
+    _check(
+        _is_int(resolved.epochs) and resolved.epochs > 0,
+        f"epochs must be a positive integer, got {resolved.epochs!r}",
+    )
+    _check(
+        _is_int(resolved.batch_size) and resolved.batch_size > 0,
+        f"batch_size must be a positive integer, got {resolved.batch_size!r}",
+    )
+    _check(
+        isinstance(resolved.lr, (int, float)) and math.isfinite(resolved.lr) and resolved.lr > 0,
+        f"lr must be a positive finite number, got {resolved.lr!r}",
+    )
+    start, end = resolved.kl_warmup
+    _check(
+        _is_int(start) and _is_int(end) and 0 <= start <= end,
+        f"kl_warmup must be 0 <= start <= end, got {resolved.kl_warmup}",
+    )
+    decay = resolved.lr_decay_start
+    _check(
+        decay is None or (_is_int(decay) and 0 <= decay < resolved.epochs),
+        f"lr_decay_start must be in [0, epochs), got {decay!r}",
+    )
+    _check(_is_int(resolved.seed), f"seed must be an integer, got {resolved.seed!r}")
+    _check(
+        resolved.train_subset is None
+        or (_is_int(resolved.train_subset) and resolved.train_subset > 0),
+        f"train_subset must be a positive integer, got {resolved.train_subset!r}",
+    )
+    return resolved
+
+
+def to_toml(config: TrainConfig) -> str:
+    """The config as TOML (``None`` values are left out: they mean 'default')."""
+    lines, tables = [], []
+    for key, value in config.to_dict().items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            tables.append(f"\n[{key}]")
+            tables.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines + tables) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write {value!r} to TOML")
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a TOML config written by :func:`to_toml`; unknown keys are errors."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    _check(not unknown, f"{path}: unknown config keys {unknown}; known: {sorted(known)}")
+    if "kl_warmup" in data:
+        data["kl_warmup"] = tuple(data["kl_warmup"])
+    return TrainConfig(**data)

@@ -1,0 +1,194 @@
+"""Training runs: resume after SIGKILL, configs, locks, eval and CLI errors (real MNIST)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from vbdropout.cli import main
+from vbdropout.train import (
+    ConfigError,
+    RunLockedError,
+    TrainConfig,
+    load_config,
+    resolve_config,
+    train,
+)
+from vbdropout.train.checkpoint import load_checkpoint
+from vbdropout.train.config import to_toml
+
+
+def quick(out, shared_data, **kw):
+    fields = dict(
+        model="lenet300_100",
+        method="vbd",
+        dataset="mnist",
+        out=str(out),
+        epochs=3,
+        train_subset=1000,
+        data_dir=str(shared_data),
+        kl_warmup=(1, 2),
+    )
+    fields.update(kw)
+    return TrainConfig(**fields)
+
+
+def cli_train(out, shared_data, epochs, *extra):
+    return [
+        sys.executable, "-m", "vbdropout", "train", "--model", "lenet300_100", "--method", "vbd",
+        "--dataset", "mnist", "--data-dir", str(shared_data), "--train-subset", "600",
+        "--epochs", str(epochs), "--kl-warmup", "2", "6", "--device", "cpu", "--out", str(out),
+        "--json", *extra,
+    ]  # fmt: skip
+
+
+def test_run_writes_its_files_and_a_complete_summary(tmp_path, shared_data):
+    summary = train(quick(tmp_path / "run", shared_data), progress=False)
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert files == ["checkpoint.pt", "config.toml", "metrics.csv", "metrics.jsonl", "summary.json"]
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert [row["kl_weight"] for row in rows] == [0.0, 0.0, 1.0]
+    assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == 4
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["test_error"] == summary["test_error"] < 0.25
+    for key in ("compression", "epochs", "seed", "device", "train_seconds", "versions", "config"):
+        assert key in on_disk
+    assert on_disk["compression"]["layers"][0]["weights"] == 784 * 300
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, shared_data):
+    epochs = 40
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = subprocess.run(
+        cli_train(tmp_path / "ref", shared_data, epochs), env=env, capture_output=True, text=True
+    )
+    assert reference.returncode == 0, reference.stderr
+    killed_at = []
+    for trial in range(2):
+        out = tmp_path / f"killed{trial}"
+        proc = subprocess.Popen(
+            cli_train(out, shared_data, epochs),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        wanted = 3 + 10 * trial
+        while time.monotonic() < deadline:
+            if metrics.exists() and metrics.read_text().count("\n") >= wanted:
+                break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed_at.append(load_checkpoint(out)["epoch"])
+        resumed = subprocess.run(
+            cli_train(out, shared_data, epochs, "--resume"), env=env, capture_output=True, text=True
+        )
+        assert resumed.returncode == 0, resumed.stderr
+        a, b = load_checkpoint(tmp_path / "ref"), load_checkpoint(out)
+        for key, value in a["model"].items():
+            assert torch.equal(value, b["model"][key]), key
+        ref_summary = json.loads((tmp_path / "ref" / "summary.json").read_text())
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["test_error"] == ref_summary["test_error"]
+        rows = (out / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(r)["epoch"] for r in rows] == list(range(1, epochs + 1))
+    assert all(0 < k < epochs for k in killed_at), f"kills must land mid-run, got {killed_at}"
+
+
+def test_existing_run_needs_resume_and_resume_needs_the_same_config(tmp_path, shared_data):
+    config = quick(tmp_path / "run", shared_data, epochs=1)
+    train(config, progress=False)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        train(config, progress=False)
+    with pytest.raises(ConfigError, match=r"config differs in \['seed'\]"):
+        train(quick(tmp_path / "run", shared_data, epochs=1, seed=5), resume=True, progress=False)
+
+
+def test_a_live_lock_refuses_a_second_run_and_a_stale_lock_is_taken_over(tmp_path, shared_data):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(str(os.getpid()))
+    with pytest.raises(RunLockedError, match="in use by another training process"):
+        train(quick(out, shared_data, epochs=1), progress=False)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock").write_text(str(dead.pid))
+    train(quick(out, shared_data, epochs=1), progress=False)
+    assert not (out / ".lock").exists()
+
+
+def test_config_toml_round_trip_and_errors(tmp_path):
+    config = resolve_config(TrainConfig(model="mlp_srivastava", epochs=10, network={"width": 340}))
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(config))
+    assert load_config(path) == config
+    assert config.lr_decay_start == 5 and config.kl_warmup == (0, 2)
+    path.write_text("colour = 1\n" + to_toml(config))
+    with pytest.raises(ConfigError, match="unknown config keys \\['colour'\\]"):
+        load_config(path)
+    for bad, match in [
+        ({"epochs": 0}, "epochs"),
+        ({"model": "resnet"}, "unknown model"),
+        ({"method": "magic"}, "unknown method"),
+        ({"lr": float("nan")}, "lr"),
+        ({"kl_warmup": (5, 2)}, "kl_warmup"),
+        ({"epochs": 10, "lr_decay_start": 10}, "lr_decay_start"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            resolve_config(TrainConfig(**bad))
+
+
+def test_protocol_defaults_follow_sparse_vd():
+    config = resolve_config(TrainConfig(model="lenet300_100"))
+    assert (config.epochs, config.batch_size, config.lr) == (200, 100, 1e-3)
+    assert config.lr_decay_start == 100 and config.kl_warmup == (5, 20)
+
+
+def test_init_from_a_plain_run_and_eval_command(tmp_path, shared_data, capsys):
+    plain = quick(tmp_path / "plain", shared_data, method="none", epochs=2)
+    base = train(plain, progress=False)
+    init = quick(tmp_path / "vbd", shared_data, lr=1e-12, epochs=1, kl_warmup=(5, 20))
+    init.init = str(tmp_path / "plain")
+    started = train(init, progress=False)
+    assert started["test_error"] == pytest.approx(base["test_error"], abs=0.01)
+    assert main(["eval", str(tmp_path / "vbd"), "--mc-samples", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["error"] == pytest.approx(started["test_error"])
+    for key in ("nll", "ece", "mc_error", "mc_nll", "mc_ece"):
+        assert 0 <= result[key] < 5
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["train", "--epochs", "0"], "--epochs"),
+        (["train", "--method", "magic"], "invalid choice"),
+        (["train", "--dataset", "imagenet"], "invalid choice"),
+    ],
+)
+def test_bad_train_arguments_are_usage_errors(argv, match, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err
+
+
+def test_unwritable_out_and_missing_checkpoint_are_one_line_errors(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["train", "--out", str(blocker / "run"), "--epochs", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vbd train: error: cannot write to output directory") and "\n" not in err
+    assert main(["eval", str(tmp_path / "nothing")]) == 1
+    assert "no checkpoint at" in capsys.readouterr().err
