@@ -91,6 +91,19 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
+    from .compress.export import export_compressed, format_report
+    from .train.trainer import load_run
+
+    model, data, config = load_run(args.run, args.data_dir)
+    source = {"run": str(args.run), "model": config.model, "method": config.method}
+    report = export_compressed(model, args.out, data.input_shape, data.mean, data.std, source)
+    if not args.json:
+        print(format_report(report), end="")
+        print(f"files written to {args.out}")
+    return report
+
+
 _TRAIN_FIELDS = {
     "model",
     "method",
@@ -157,6 +170,19 @@ def _add_train_parser(sub: Any) -> None:
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object as last line")
     evaluate.set_defaults(run_command=_cmd_eval)
+
+    compress = sub.add_parser(
+        "compress",
+        help="export a trained run as smaller models (shrunk, sparse, ONNX) with a report",
+        description="Remove pruned weights, neurons and channels from RUN (a run directory or "
+        "checkpoint.pt) and write shrunk.pt, shrunk.safetensors, sparse.safetensors, "
+        "shrunk.onnx (when onnx is installed), report.json and report.md into --out.",
+    )
+    compress.add_argument("run")
+    compress.add_argument("--out", required=True, help="output directory")
+    compress.add_argument("--data-dir", help="data folder (for the input normalization)")
+    compress.add_argument("--json", action="store_true", help="print one JSON object as last line")
+    compress.set_defaults(run_command=_cmd_compress)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ compression ratio of the whole network is |W| / |W≠0|.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn.gaussian import GaussianWeight
+from ..nn.gaussian import GaussianWeight, _validate_threshold
+from ..nn.structured import StructuredVBD, UnitNoise
 
 __all__ = ["CompressionReport", "LayerCompression", "compression_report"]
 
@@ -120,16 +122,30 @@ def compression_report(
     """Count weights and surviving weights of every linear/conv layer of ``model``.
 
     threshold: log α pruning threshold for the variational layers; ``"own"`` (the
-    default) uses each layer's own ``threshold`` (3.0 unless set), ``None`` prunes
-    nothing. Plain layers count their exactly-nonzero weights.
+    default) uses each layer's own ``threshold`` (3.0 for weights unless set),
+    ``None`` prunes nothing. Plain layers count their exactly-nonzero weights.
+    Models with unit-noise layers (structured methods) are counted after their
+    unit multipliers are folded into the weights, so a pruned unit's weights
+    count as zero.
     """
+    shown = threshold if threshold != "own" else _common_threshold(model)
+    if threshold != "own":
+        _validate_threshold(threshold)  # type: ignore[arg-type]
+        model = copy.deepcopy(model)
+        for m in model.modules():
+            if isinstance(m, (GaussianWeight, StructuredVBD)):
+                m.threshold = threshold
+    if any(isinstance(m, UnitNoise) for m in model.modules()):
+        from .shrink import fold_scales
+
+        named = [(str(i), m) for i, m in enumerate(fold_scales(model))]
+    else:
+        named = list(model.named_modules())
     layers = []
-    for name, module in model.named_modules():
+    for name, module in named:
         if not isinstance(module, _WEIGHT_LAYERS):
             continue
-        weight = module.weight
-        if isinstance(module, GaussianWeight):
-            weight = weight * module.keep_mask(threshold)
+        weight = module.masked_weight() if isinstance(module, GaussianWeight) else module.weight
         layers.append(
             LayerCompression(
                 name=name or type(module).__name__,
@@ -138,7 +154,6 @@ def compression_report(
                 nonzero=int(torch.count_nonzero(weight)),
             )
         )
-    shown = threshold if threshold != "own" else _common_threshold(model)
     return CompressionReport(layers=tuple(layers), threshold=shown)
 
 

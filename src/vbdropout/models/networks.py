@@ -16,7 +16,14 @@ from torch import nn
 
 from .methods import Method
 
-__all__ = ["lenet5_caffe", "lenet300_100", "lenet500_300", "mlp", "mlp_srivastava"]
+__all__ = [
+    "kingma_cifar",
+    "lenet5_caffe",
+    "lenet300_100",
+    "lenet500_300",
+    "mlp",
+    "mlp_srivastava",
+]
 
 
 def mlp(
@@ -81,4 +88,40 @@ def lenet5_caffe(method: Method, input_shape: Sequence[int], num_classes: int) -
         method.linear(flat, 500, "hidden"),
         nn.ReLU(),
         method.linear(500, num_classes, "output"),
+    )
+
+
+def kingma_cifar(
+    method: Method, input_shape: Sequence[int], num_classes: int, scale: float = 1.0
+) -> nn.Sequential:
+    """Tables 2–3's convolutional network with a width ``scale`` k ∈ {1, 1.5, 2}.
+
+    The paper follows Kingma et al. (2015) and defers the architecture to its
+    supplement, which we do not have. Our reading, stated here so it can be
+    checked: three 'same'-padded convolutions of 32k, 64k and 128k channels
+    (5×5, 5×5, 3×3), each followed by ReLU and 2×2 max-pooling, then a hidden
+    fully connected layer of 256k units and the classifier. No batch norm, no
+    augmentation (so that dropout is the only regularizer compared).
+    """
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    channels, height, width = input_shape
+    c1, c2, c3, hidden = (max(1, round(n * scale)) for n in (32, 64, 128, 256))
+    flat = c3 * (height // 8) * (width // 8)
+    if flat == 0:
+        raise ValueError(f"kingma_cifar needs inputs of at least 8×8, got {height}×{width}")
+    return nn.Sequential(
+        method.conv2d(channels, c1, 5, "input", padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        method.conv2d(c1, c2, 5, "hidden", padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        method.conv2d(c2, c3, 3, "hidden", padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        method.linear(flat, hidden, "hidden"),
+        nn.ReLU(),
+        method.linear(hidden, num_classes, "output"),
     )

@@ -1,0 +1,326 @@
+"""Export a compressed model: shrunk dense files, a sparse file, ONNX and a report.
+
+Files written by :func:`export_compressed` into an output directory:
+
+- ``shrunk.pt`` — the shrunk network as a ``torch.export`` program: load with
+  ``torch.export.load(open(path, "rb")).module()``, needs torch only (no
+  vbdropout code);
+- ``shrunk.safetensors`` — its weights with the architecture in the metadata;
+  :func:`load_shrunk` rebuilds the plain ``nn.Sequential``;
+- ``shrunk.onnx`` — when the ``onnx`` package is installed;
+- ``sparse.safetensors`` — the unshrunk pruned weights in CSR form
+  (``crow_indices``, ``col_indices``, ``values`` per layer; convolutions as
+  out × (in·kh·kw) matrices); :func:`load_sparse` runs sparse inference;
+- ``report.json`` and ``report.md``.
+
+Every model expects inputs normalized as ``(pixels / 255 − mean) / std``, with
+the mean and std recorded in the report as ``input_normalization``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import warnings
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..train.checkpoint import atomic_write_bytes, atomic_write_json
+from .deterministic import InputSelect
+from .report import compression_report
+from .shrink import fold_scales, neurons_per_layer, shrink
+
+__all__ = ["export_compressed", "load_shrunk", "load_sparse", "macs"]
+
+
+def _spec(network: nn.Sequential) -> list[dict[str, Any]]:
+    """A JSON description of a plain sequential network, enough to rebuild it."""
+    spec: list[dict[str, Any]] = []
+    for m in network:
+        if isinstance(m, nn.Linear):
+            spec.append(
+                {
+                    "type": "linear",
+                    "in": m.in_features,
+                    "out": m.out_features,
+                    "bias": m.bias is not None,
+                }
+            )
+        elif isinstance(m, nn.Conv2d):
+            spec.append(
+                {
+                    "type": "conv2d",
+                    "in": m.in_channels,
+                    "out": m.out_channels,
+                    "kernel_size": list(m.kernel_size),
+                    "stride": list(m.stride),
+                    "padding": list(m.padding),
+                    "dilation": list(m.dilation),
+                    "bias": m.bias is not None,
+                }
+            )
+        elif isinstance(m, nn.MaxPool2d):
+            spec.append({"type": "maxpool2d", "kernel_size": m.kernel_size, "stride": m.stride})
+        elif isinstance(m, nn.ReLU):
+            spec.append({"type": "relu"})
+        elif isinstance(m, nn.Flatten):
+            spec.append({"type": "flatten"})
+        elif isinstance(m, InputSelect):
+            spec.append({"type": "input_select", "in": m.in_features, "kept": m.index.numel()})
+        else:
+            raise ValueError(f"cannot export layer {type(m).__name__}")
+    return spec
+
+
+def _build(spec: list[dict[str, Any]]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for s in spec:
+        kind = s["type"]
+        if kind == "linear":
+            layers.append(nn.Linear(s["in"], s["out"], s["bias"]))
+        elif kind == "conv2d":
+            geometry = {k: tuple(s[k]) for k in ("stride", "padding", "dilation")}
+            conv = nn.Conv2d(s["in"], s["out"], tuple(s["kernel_size"]), bias=s["bias"], **geometry)
+            layers.append(conv)
+        elif kind == "maxpool2d":
+            layers.append(nn.MaxPool2d(s["kernel_size"], s["stride"]))
+        elif kind == "relu":
+            layers.append(nn.ReLU())
+        elif kind == "flatten":
+            layers.append(nn.Flatten())
+        elif kind == "input_select":
+            layers.append(InputSelect(torch.zeros(s["kept"], dtype=torch.long), s["in"]))
+        else:
+            raise ValueError(f"unknown layer type {kind!r} in the exported architecture")
+    return nn.Sequential(*layers)
+
+
+def _safetensors() -> Any:
+    if find_spec("safetensors") is None:
+        raise ImportError('exporting needs safetensors: pip install "vbdropout[export]"')
+    import safetensors.torch
+
+    return safetensors.torch
+
+
+def load_shrunk(path: str | os.PathLike[str]) -> nn.Sequential:
+    """Rebuild the plain shrunk ``nn.Sequential`` from ``shrunk.safetensors``."""
+    st = _safetensors()
+    tensors = st.load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        spec = json.loads(f.metadata()["architecture"])
+    network = _build(spec)
+    network.load_state_dict(tensors)
+    return network.eval()
+
+
+class SparseLinear(nn.Module):
+    """y = W x + b with W stored as a CSR tensor."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.sparse.mm(self.weight, x.t()).t()
+        return y if self.bias is None else y + self.bias
+
+
+class SparseConv2d(nn.Module):
+    """A convolution as a CSR matrix product over unfolded input patches."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.weight, self.bias, self.spec = weight, bias, spec
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.spec
+        k, stride, pad, dil = s["kernel_size"], s["stride"], s["padding"], s["dilation"]
+        patches = F.unfold(x, k, dilation=dil, padding=pad, stride=stride)  # (N, C·k·k, L)
+        n, ckk, length = patches.shape
+        y = torch.sparse.mm(self.weight, patches.transpose(0, 1).reshape(ckk, n * length))
+        y = y.reshape(s["out"], n, length).transpose(0, 1)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1)
+        h = (x.shape[2] + 2 * pad[0] - dil[0] * (k[0] - 1) - 1) // stride[0] + 1
+        w = (x.shape[3] + 2 * pad[1] - dil[1] * (k[1] - 1) - 1) // stride[1] + 1
+        return y.reshape(n, s["out"], h, w)
+
+
+def load_sparse(path: str | os.PathLike[str]) -> nn.Sequential:
+    """A network running sparse (CSR) inference from ``sparse.safetensors``."""
+    st = _safetensors()
+    tensors = st.load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        spec = json.loads(f.metadata()["architecture"])
+    dense = _build(spec)
+    layers: list[nn.Module] = []
+    for i, (s, module) in enumerate(zip(spec, dense, strict=True)):
+        if s["type"] in ("linear", "conv2d"):
+            rows = s["out"]
+            cols = s["in"] * (math.prod(s["kernel_size"]) if s["type"] == "conv2d" else 1)
+            weight = torch.sparse_csr_tensor(
+                tensors[f"{i}.crow_indices"],
+                tensors[f"{i}.col_indices"],
+                tensors[f"{i}.values"],
+                (rows, cols),
+                check_invariants=True,  # the file may come from elsewhere
+            )
+            bias = tensors.get(f"{i}.bias")
+            layers.append(
+                SparseLinear(weight, bias)
+                if s["type"] == "linear"
+                else SparseConv2d(weight, bias, s)
+            )
+        else:
+            layers.append(module)
+    return nn.Sequential(*layers).eval()
+
+
+def _sparse_tensors(network: nn.Sequential) -> dict[str, Tensor]:
+    tensors: dict[str, Tensor] = {}
+    for i, m in enumerate(network):
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                csr = m.weight.detach().reshape(m.weight.shape[0], -1).to_sparse_csr()
+            tensors[f"{i}.crow_indices"] = csr.crow_indices().to(torch.int32).contiguous()
+            tensors[f"{i}.col_indices"] = csr.col_indices().to(torch.int32).contiguous()
+            tensors[f"{i}.values"] = csr.values().contiguous()
+            if m.bias is not None:
+                tensors[f"{i}.bias"] = m.bias.detach().contiguous()
+    return tensors
+
+
+@torch.no_grad()
+def macs(network: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply–accumulate operations of one forward pass (linear and conv layers; zeros count)."""
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+        else:
+            total += output[0].numel() * module.weight[0].numel()
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in network.modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    ]
+    try:
+        network.eval()(torch.zeros(1, *input_shape))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def _write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    atomic_write_bytes(path, _safetensors().save(tensors, metadata=metadata))
+
+
+def export_compressed(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    input_shape: tuple[int, ...],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the files listed in the module docstring; returns the report."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    dense = fold_scales(model)
+    small = shrink(model)
+    example = torch.zeros(2, *input_shape)
+
+    tensors = {k: v.contiguous() for k, v in small.state_dict().items()}
+    arch = {"architecture": json.dumps(_spec(small))}
+    _write_safetensors(out / "shrunk.safetensors", tensors, arch)
+    _write_safetensors(
+        out / "sparse.safetensors",
+        _sparse_tensors(dense),
+        {"architecture": json.dumps(_spec(dense))},
+    )
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(small, (example,), dynamic_shapes=({0: batch},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    atomic_write_bytes(out / "shrunk.pt", buffer.getvalue())
+    files = ["shrunk.pt", "shrunk.safetensors", "sparse.safetensors"]
+    if find_spec("onnx") is not None:
+        tmp = out / ".shrunk.onnx.tmp"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                small,
+                (example,),
+                str(tmp),
+                dynamo=False,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
+        os.replace(tmp, out / "shrunk.onnx")
+        files.append("shrunk.onnx")
+
+    weights = compression_report(model)
+    dense_params = sum(p.numel() for p in dense.parameters())
+    small_params = sum(p.numel() for p in small.parameters())
+    report = {
+        "source": source or {},
+        "input_normalization": {"mean": list(mean), "std": list(std), "pixels": "scaled to [0, 1]"},
+        "input_shape": list(input_shape),
+        "compression_ratio": weights.to_dict()["compression_ratio"],
+        "sparsity_per_layer": weights.sparsity_per_layer(),
+        "weights": weights.to_dict(),
+        "neurons_per_layer": {
+            "dense": neurons_per_layer(dense),
+            "shrunk": neurons_per_layer(small),
+        },
+        "parameters": {"dense": dense_params, "shrunk": small_params},
+        "macs": {"dense": macs(dense, input_shape), "shrunk": macs(small, input_shape)},
+        "files": {name: (out / name).stat().st_size for name in files},
+    }
+    atomic_write_json(out / "report.json", report)
+    atomic_write_bytes(out / "report.md", format_report(report).encode())
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The export report as markdown."""
+    n = {k: "-".join(map(str, v)) for k, v in report["neurons_per_layer"].items()}
+    params, ops = report["parameters"], report["macs"]
+    ratio = report["compression_ratio"]
+    lines = [
+        "# Compression report",
+        "",
+        f"- weight compression |W|/|W≠0|: {ratio:.1f}"
+        if ratio
+        else "- weight compression: all pruned",
+        f"- sparsity per layer (%): {report['sparsity_per_layer']}",
+        f"- neurons per layer: {n['dense']} → {n['shrunk']}",
+        f"- parameters: {params['dense']} → {params['shrunk']}",
+        f"- multiply–accumulates per example: {ops['dense']} → {ops['shrunk']}",
+        f"- input normalization: (x − {report['input_normalization']['mean']}) / "
+        f"{report['input_normalization']['std']} on pixels in [0, 1]",
+        "",
+        "| file | bytes |",
+        "|---|---|",
+        *(f"| {name} | {size} |" for name, size in report["files"].items()),
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,210 @@
+"""Physically remove pruned neurons and channels from a sequential network.
+
+:func:`shrink` turns a trained model into a smaller plain ``nn.Sequential`` that
+computes the same function as ``model.eval()`` (up to float rounding):
+
+1. :func:`~vbdropout.compress.deterministic.to_deterministic` — plain layers,
+   pruned weights zeroed, unit-noise layers as fixed scales;
+2. :func:`fold_scales` — every scale is multiplied into the weight layer it
+   touches (a scale on a convolution's output into that convolution's rows and
+   bias, a scale on a linear layer's input into its columns);
+3. between two consecutive weight layers A → (ReLU | MaxPool2d | Flatten)* → B,
+   a unit of A is removed when B never reads it (its columns in B are zero),
+   or when A never writes it (its row in A is zero): then the unit outputs the
+   constant f(bias), which is folded into B's bias exactly (B linear, or B a
+   convolution without padding; with padding only a zero constant is removed);
+4. input features that the first linear layer never reads are dropped by an
+   :class:`~vbdropout.compress.deterministic.InputSelect`.
+
+Steps 3–4 repeat until nothing changes. Supported: ``Sequential`` networks of
+Linear, Conv2d (groups = 1), ReLU, MaxPool2d, Flatten, Dropout/Identity — the
+shape of every network in :mod:`vbdropout.models`.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import torch
+from torch import Tensor, nn
+
+from .deterministic import InputSelect, Scale, to_deterministic
+
+__all__ = ["fold_scales", "neurons_per_layer", "shrink"]
+
+_WEIGHT = (nn.Linear, nn.Conv2d)
+_BETWEEN = (nn.ReLU, nn.MaxPool2d, nn.Flatten)
+
+
+def _flat_layers(module: nn.Module) -> list[nn.Module]:
+    if isinstance(module, nn.Sequential):
+        return [m for child in module for m in _flat_layers(child)]
+    if isinstance(module, (nn.Identity, nn.Dropout)):
+        return []
+    return [module]
+
+
+def _check_supported(layers: list[nn.Module]) -> None:
+    for m in layers:
+        if not isinstance(m, (*_WEIGHT, *_BETWEEN, Scale, InputSelect)):
+            raise ValueError(
+                "shrink supports sequential networks of Linear, Conv2d, ReLU, MaxPool2d and "
+                f"Flatten layers (and vbdropout's noise layers); found {type(m).__name__}"
+            )
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            raise ValueError("shrink does not support grouped convolutions")
+
+
+@torch.no_grad()
+def fold_scales(model: nn.Module) -> nn.Sequential:
+    """The deterministic model as a flat ``Sequential`` with every :class:`Scale` folded away."""
+    layers = _flat_layers(to_deterministic(model))
+    _check_supported(layers)
+    out: list[nn.Module] = []
+    pending: Tensor | None = None  # a scale waiting for the next linear layer's input
+    for layer in layers:
+        if isinstance(layer, Scale):
+            if out and isinstance(out[-1], nn.Conv2d):
+                conv = out[-1]
+                conv.weight.mul_(layer.scale.view(-1, 1, 1, 1))
+                if conv.bias is not None:
+                    conv.bias.mul_(layer.scale)
+            elif pending is None:
+                pending = layer.scale
+            else:
+                raise ValueError("two unit-noise layers in a row cannot be folded")
+            continue
+        if pending is not None:
+            if isinstance(layer, nn.Flatten):
+                out.append(layer)
+                continue
+            if not isinstance(layer, nn.Linear) or layer.in_features != pending.numel():
+                raise ValueError(
+                    f"a unit-noise layer must feed a linear layer, not {type(layer).__name__}"
+                )
+            layer.weight.mul_(pending.view(1, -1))
+            pending = None
+        out.append(layer)
+    if pending is not None:
+        raise ValueError("a unit-noise layer at the end of the network cannot be folded")
+    return nn.Sequential(*out).eval()
+
+
+def _units(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _column_groups(b: nn.Module, units: int) -> Tensor:
+    """B's weights grouped by the A-unit they read: shape (units, B.out, per-unit)."""
+    w = b.weight
+    if isinstance(b, nn.Linear):
+        per = b.in_features // units
+        return w.view(w.shape[0], units, per).transpose(0, 1)
+    return w.transpose(0, 1).reshape(units, w.shape[0], -1)
+
+
+def _rebuild(layer: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    if isinstance(layer, nn.Linear):
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias is not None)
+    else:
+        new = nn.Conv2d(
+            weight.shape[1],
+            weight.shape[0],
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            bias=bias is not None,
+            padding_mode=layer.padding_mode,
+        )
+    new = new.to(device=weight.device, dtype=weight.dtype)
+    new.weight.copy_(weight)
+    if bias is not None:
+        new.bias.copy_(bias)
+    return new.eval()
+
+
+def _prune_pair(layers: list[nn.Module], ai: int, bi: int) -> bool:
+    """Remove the units of layers[ai] that layers[bi] ignores or that are constant."""
+    a, b = layers[ai], layers[bi]
+    units = _units(a)
+    groups = _column_groups(b, units)  # (units, out_b, per)
+    unread = (groups == 0).flatten(1).all(1)
+    unwritten = (a.weight == 0).flatten(1).all(1)
+    constant = a.bias.clone() if a.bias is not None else torch.zeros(units, dtype=a.weight.dtype)
+    if any(isinstance(m, nn.ReLU) for m in layers[ai + 1 : bi]):
+        constant = constant.clamp_min(0)
+    foldable = b.bias is not None and (isinstance(b, nn.Linear) or all(p == 0 for p in b.padding))
+    removable_constant = unwritten & ((constant == 0) | foldable)
+    remove = unread | removable_constant
+    if not remove.any():
+        return False
+    if remove.all():  # keep one unit so that every layer keeps a valid shape
+        remove[0] = False
+    fold = remove & ~unread & (constant != 0)
+    b_bias = None if b.bias is None else b.bias.clone()
+    if fold.any():
+        b_bias += (groups[fold].sum(-1) * constant[fold].unsqueeze(1)).sum(0)
+    keep = ~remove
+    a_bias = None if a.bias is None else a.bias[keep]
+    layers[ai] = _rebuild(a, a.weight[keep], a_bias)
+    kept_groups = groups[keep]  # (kept, out_b, per)
+    if isinstance(b, nn.Linear):
+        b_weight = kept_groups.transpose(0, 1).reshape(b.out_features, -1)
+    else:
+        b_weight = kept_groups.transpose(0, 1).reshape(
+            b.out_channels, int(keep.sum()), *b.kernel_size
+        )
+    layers[bi] = _rebuild(b, b_weight, b_bias)
+    return True
+
+
+def _prune_inputs(layers: list[nn.Module]) -> None:
+    """Replace a leading Flatten by an InputSelect of the features the first linear layer reads."""
+    if (
+        len(layers) < 2
+        or not isinstance(layers[0], nn.Flatten)
+        or not isinstance(layers[1], nn.Linear)
+    ):
+        return
+    first = layers[1]
+    read = (first.weight != 0).any(0)
+    if read.all():
+        return
+    if not read.any():
+        read[0] = True
+    index = read.nonzero().flatten()
+    layers[0] = InputSelect(index, first.in_features)
+    layers[1] = _rebuild(first, first.weight[:, read], first.bias)
+
+
+@torch.no_grad()
+def shrink(model: nn.Module) -> nn.Sequential:
+    """A physically smaller plain ``nn.Sequential`` computing ``model.eval()`` (see module doc)."""
+    layers = list(fold_scales(model))
+    weight_at = [i for i, m in enumerate(layers) if isinstance(m, _WEIGHT)]
+    changed = True
+    while changed:
+        changed = False
+        for ai, bi in pairwise(weight_at):
+            changed |= _prune_pair(layers, ai, bi)
+    _prune_inputs(layers)
+    return nn.Sequential(*layers).eval()
+
+
+def neurons_per_layer(network: nn.Sequential) -> list[int]:
+    """Units per layer as Table 5 prints them.
+
+    Each convolution contributes its output channels, each linear layer its
+    input features (after :func:`shrink`, the inputs it reads); a network without convolutions
+    also lists the classifier's outputs (784-500-300-10 vs 20-50-800-500).
+    """
+    counts = [
+        m.out_channels if isinstance(m, nn.Conv2d) else m.in_features
+        for m in network
+        if isinstance(m, _WEIGHT)
+    ]
+    linears = [m for m in network if isinstance(m, nn.Linear)]
+    if linears and not any(isinstance(m, nn.Conv2d) for m in network):
+        counts.append(linears[-1].out_features)
+    return counts

@@ -1,0 +1,206 @@
+"""Shrinking and exporting compressed models gives the same outputs (real MNIST batches)."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from vbdropout import Conv2dVBD, LinearVBD, compression_report
+from vbdropout.cli import main
+from vbdropout.compress.deterministic import to_deterministic
+from vbdropout.compress.export import export_compressed, load_shrunk, load_sparse
+from vbdropout.compress.shrink import neurons_per_layer, shrink
+from vbdropout.data import load_dataset
+from vbdropout.nn.structured import StructuredBayesianPruning, StructuredVBD
+
+
+@pytest.fixture(scope="module")
+def mnist_batch(shared_data):
+    data = load_dataset("mnist", shared_data)
+    return data.test_x[:256], data
+
+
+def structured_vbd(n, keep):
+    layer = StructuredVBD(n)
+    with torch.no_grad():
+        layer.log_sigma2.copy_(torch.where(keep, torch.tensor(-9.0), torch.tensor(2.0)))
+    return layer
+
+
+def random_keep(n, p, gen):
+    return torch.rand(n, generator=gen) < p
+
+
+def structured_lenet500_300(gen):
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Sequential(structured_vbd(784, random_keep(784, 0.3, gen)), nn.Linear(784, 500)),
+        nn.ReLU(),
+        nn.Sequential(structured_vbd(500, random_keep(500, 0.4, gen)), nn.Linear(500, 300)),
+        nn.ReLU(),
+        nn.Sequential(structured_vbd(300, random_keep(300, 0.5, gen)), nn.Linear(300, 10)),
+    )
+
+
+def structured_lenet5(gen):
+    sbp = StructuredBayesianPruning(50)
+    with torch.no_grad():  # large σ → low SNR → pruned
+        sbp.log_sigma.copy_(
+            torch.where(random_keep(50, 0.5, gen), torch.tensor(-5.0), torch.tensor(2.0))
+        )
+        sbp.mu.copy_(torch.where(sbp.log_sigma > 0, torch.tensor(-8.0), torch.tensor(0.0)))
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 20, 5), structured_vbd(20, random_keep(20, 0.5, gen))),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Sequential(nn.Conv2d(20, 50, 5), sbp),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Sequential(structured_vbd(800, random_keep(800, 0.6, gen)), nn.Linear(800, 500)),
+        nn.ReLU(),
+        nn.Sequential(structured_vbd(500, random_keep(500, 0.3, gen)), nn.Linear(500, 10)),
+    )
+
+
+def sparse_lenet300_100(gen):
+    model = nn.Sequential(
+        nn.Flatten(),
+        LinearVBD(784, 300),
+        nn.ReLU(),
+        LinearVBD(300, 100),
+        nn.ReLU(),
+        LinearVBD(100, 10),
+    )
+    with torch.no_grad():
+        for layer in (model[1], model[3], model[5]):
+            layer.log_sigma2.copy_(
+                torch.where(torch.rand(layer.weight.shape, generator=gen) < 0.9, 10.0, -20.0)
+            )
+        model[1].log_sigma2[:40] = 10.0  # 40 hidden units never written: output relu(bias)
+        model[1].bias[:20] = 0.5  # ... 20 of them a positive constant, folded into the next bias
+        model[3].log_sigma2[:, 250:] = 10.0  # 50 hidden units never read
+    return model
+
+
+@pytest.mark.parametrize("build", [structured_lenet500_300, structured_lenet5, sparse_lenet300_100])
+def test_shrunk_model_computes_the_masked_model(build, mnist_batch):
+    x, _ = mnist_batch
+    model = build(torch.Generator().manual_seed(0)).eval()
+    reference = model(x)
+    deterministic = to_deterministic(model)
+    assert torch.equal(deterministic(x), reference)
+    small = shrink(model)
+    assert all(
+        isinstance(m, (nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten))
+        or type(m).__name__ == "InputSelect"
+        for m in small
+    )
+    assert torch.allclose(small(x), reference, atol=1e-4)
+    assert (
+        sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters()) / 2
+    )
+
+
+def test_units_are_removed_exactly_as_the_masks_say():
+    gen = torch.Generator().manual_seed(0)
+    model = structured_lenet500_300(gen)
+    kept = [int(m[0].keep_mask().sum()) for m in (model[1], model[3], model[5])]
+    units = neurons_per_layer(shrink(model))
+    # inputs of each FC layer: a hidden unit survives when its own noise keeps it
+    assert units[0] == kept[0] and units[-1] == 10
+    assert units[1] <= kept[1] and units[2] <= kept[2]
+
+
+def test_weight_pruned_model_folds_constant_units_and_drops_unread_ones():
+    model = sparse_lenet300_100(torch.Generator().manual_seed(1)).eval()
+    small = shrink(model)
+    hidden = [m.out_features for m in small if isinstance(m, nn.Linear)][:2]
+    assert hidden[0] <= 300 - 40 and hidden[1] <= 100
+
+
+def test_conv_with_padding_keeps_a_constant_channel():
+    model = nn.Sequential(
+        Conv2dVBD(1, 3, 3, padding=1),
+        nn.ReLU(),
+        Conv2dVBD(3, 2, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(2 * 36, 4),
+    )
+    with torch.no_grad():
+        model[0].log_sigma2[0] = 10.0  # channel 0 never written, bias 0.7 → constant 0.7
+        model[0].bias[0] = 0.7
+    x = torch.randn(5, 1, 6, 6)
+    small = shrink(model.eval())
+    assert small[0].out_channels == 3, "zero padding makes the constant channel non-constant"
+    assert torch.allclose(small(x), model(x), atol=1e-5)
+
+
+def test_compression_report_of_a_structured_model_counts_pruned_units():
+    model = structured_lenet500_300(torch.Generator().manual_seed(0))
+    report = compression_report(model)
+    first_kept = int(model[1][0].keep_mask().sum())
+    assert report.layers[0].nonzero == first_kept * 500
+
+
+def test_export_files_give_the_same_outputs(tmp_path, mnist_batch):
+    x, data = mnist_batch
+    model = structured_lenet5(torch.Generator().manual_seed(2)).eval()
+    reference = model(x)
+    report = export_compressed(model, tmp_path, data.input_shape, data.mean, data.std)
+    assert torch.allclose(load_shrunk(tmp_path / "shrunk.safetensors")(x), reference, atol=1e-4)
+    assert torch.allclose(load_sparse(tmp_path / "sparse.safetensors")(x), reference, atol=1e-4)
+    with open(tmp_path / "shrunk.pt", "rb") as f:
+        program = torch.export.load(f).module()
+    assert torch.allclose(program(x), reference, atol=1e-4)
+    assert torch.allclose(program(x[:1]), reference[:1], atol=1e-4), "batch size is dynamic"
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(tmp_path / "shrunk.onnx"))
+    onnx_out = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    assert torch.allclose(onnx_out, reference, atol=1e-4)
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert on_disk["input_normalization"]["mean"] == pytest.approx([0.1307], abs=1e-4)
+    assert on_disk["macs"]["shrunk"] < on_disk["macs"]["dense"]
+    assert set(on_disk["files"]) == {
+        "shrunk.pt",
+        "shrunk.safetensors",
+        "sparse.safetensors",
+        "shrunk.onnx",
+    }
+    assert (tmp_path / "report.md").read_text().startswith("# Compression report")
+
+
+def test_reported_nonzero_counts_equal_the_exported_sparse_tensors(tmp_path, mnist_batch):
+    from safetensors.torch import load_file
+
+    _, data = mnist_batch
+    model = sparse_lenet300_100(torch.Generator().manual_seed(3))
+    report = export_compressed(model, tmp_path, data.input_shape, data.mean, data.std)
+    tensors = load_file(tmp_path / "sparse.safetensors")
+    values = [t for k, t in sorted(tensors.items()) if k.endswith(".values")]
+    assert [int(torch.count_nonzero(v)) for v in values] == [
+        layer["nonzero"] for layer in report["weights"]["layers"]
+    ]
+    assert sum(v.numel() for v in values) == report["weights"]["nonzero"]
+    shrunk = load_file(tmp_path / "shrunk.safetensors")
+    assert (
+        sum(t.numel() for t in shrunk.values() if t.is_floating_point())
+        == report["parameters"]["shrunk"]
+    )
+
+
+def test_compress_command_on_a_trained_run(tmp_path, shared_data, capsys):
+    from vbdropout.train import TrainConfig, train
+
+    config = TrainConfig(
+        out=str(tmp_path / "run"), epochs=1, train_subset=500, data_dir=str(shared_data)
+    )
+    train(config, progress=False)
+    assert (
+        main(["compress", str(tmp_path / "run"), "--out", str(tmp_path / "export"), "--json"]) == 0
+    )
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["source"]["method"] == "vbd"
+    assert (tmp_path / "export" / "shrunk.pt").is_file()
