@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -104,6 +105,32 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> dict[str, Any]:
+    from .experiments import reproduce
+
+    result = reproduce(
+        args.table,
+        budget=args.budget,
+        only=args.only,
+        seeds=args.seeds,
+        device=args.device,
+        out=args.out,
+        data_dir=args.data_dir,
+        progress=not args.json,
+        epochs=args.epochs,
+        train_subset=args.train_subset,
+    )
+    if not args.json:
+        print(Path(result["markdown"]).read_text(), end="")
+        print(f"written: {result['markdown']}" + "".join(f", {p}" for p in result["plots"]))
+    return {k: v for k, v in result.items() if k != "cells"} | {
+        "cells": [
+            {k: c[k] for k in ("label", "model", "column", "seed", "test_error", "epochs")}
+            for c in result["cells"]
+        ]
+    }
+
+
 _TRAIN_FIELDS = {
     "model",
     "method",
@@ -183,6 +210,24 @@ def _add_train_parser(sub: Any) -> None:
     compress.add_argument("--data-dir", help="data folder (for the input normalization)")
     compress.add_argument("--json", action="store_true", help="print one JSON object as last line")
     compress.set_defaults(run_command=_cmd_compress)
+
+    repro = sub.add_parser(
+        "reproduce",
+        help="rerun one of the paper's tables side by side with its published numbers",
+        description="Train every cell of TABLE (resumable; finished cells are skipped) and write "
+        "results/TABLE.md (TABLE-quick.md for the quick budget) with plots.",
+    )
+    repro.add_argument("table", choices=["table1", "table2", "table3", "table4", "table5"])
+    repro.add_argument("--budget", choices=["quick", "paper"], default="quick")
+    repro.add_argument("--only", help="regular expression on 'label method model column'")
+    repro.add_argument("--seeds", type=_positive_int, default=1)
+    repro.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    repro.add_argument("--out", default="results")
+    repro.add_argument("--data-dir")
+    repro.add_argument("--epochs", type=_positive_int, help="override the budget's epochs")
+    repro.add_argument("--train-subset", type=_positive_int, help="override the training size")
+    repro.add_argument("--json", action="store_true", help="print one JSON object as last line")
+    repro.set_defaults(run_command=_cmd_reproduce)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,230 @@
+"""``vbd reproduce``: rerun a table of the paper, cell by cell, resumably.
+
+Layout under ``out`` (default ``results/``)::
+
+    results/tableN.md                       (tableN-quick.md for the quick budget)
+    results/tableN[-quick]/cells/KEY/seedS.json   one finished cell
+    results/tableN[-quick]/runs/KEY-seedS/        its training run (checkpoints, metrics)
+    results/tableN[-quick]/*.png                  plots
+
+A finished cell is never recomputed; an interrupted one resumes from its
+run's last checkpoint. Each cell records its command, seed, versions, wall
+time and device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..models import METHODS
+from ..train.checkpoint import atomic_write_bytes, atomic_write_json
+from ..train.config import TrainConfig
+from .tables import TABLES, Budget, Row, Table
+
+__all__ = ["reproduce", "table_markdown"]
+
+
+def _cell_dir(out: Path, table: str, budget: str) -> Path:
+    return out / (table if budget == "paper" else f"{table}-{budget}")
+
+
+def _run_cell(
+    row: Row,
+    table: Table,
+    budget: str,
+    seed: int,
+    base: Path,
+    device: str,
+    data_dir: str | None,
+    progress: bool,
+) -> dict[str, Any]:
+    from ..compress.shrink import neurons_per_layer, shrink
+    from ..train.trainer import load_run, train
+
+    b = table.budgets[budget]
+    run_dir = base / "runs" / f"{row.key}-seed{seed}"
+    init = None
+    if row.init_from is not None:
+        parent = next(r for r in table.rows if r.label == row.init_from and r.model == row.model)
+        init = str(base / "runs" / f"{parent.key}-seed{seed}")
+    config = TrainConfig(
+        model=row.model,
+        method=row.method,
+        dataset=table.dataset,
+        out=str(run_dir),
+        epochs=b.epochs,
+        train_subset=b.train_subset,
+        seed=seed,
+        device=device,
+        data_dir=data_dir,
+        network=dict(row.network),
+        init=init,
+        **row.method_options,
+    )
+    start = time.perf_counter()
+    summary = train(config, resume=(run_dir / "checkpoint.pt").exists(), progress=progress)
+    model, _, _ = load_run(run_dir, data_dir)
+    neurons = neurons_per_layer(shrink(model))
+    return {
+        "table": table.number,
+        "label": row.label,
+        "model": row.model,
+        "method": row.method,
+        "column": row.column,
+        "budget": budget,
+        "seed": seed,
+        "epochs": summary["epochs"],
+        "train_subset": b.train_subset,
+        "test_error": summary["test_error"],
+        "compression": summary["compression"],
+        "neurons_per_layer": neurons,
+        "device": summary["device"],
+        "wall_seconds": time.perf_counter() - start,
+        "train_seconds": summary["train_seconds"],
+        "versions": summary["versions"],
+        "command": " ".join(sys.argv),
+        "run_dir": str(run_dir),
+    }
+
+
+def reproduce(
+    table: str,
+    budget: str = "quick",
+    only: str | None = None,
+    seeds: int = 1,
+    device: str = "auto",
+    out: str | Path = "results",
+    data_dir: str | None = None,
+    progress: bool = True,
+    epochs: int | None = None,
+    train_subset: int | None = None,
+) -> dict[str, Any]:
+    """Run every (matching) cell of ``table`` and write its markdown and plots.
+
+    ``epochs``/``train_subset`` override the budget's (a custom, labelled budget).
+    """
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}; known: {', '.join(TABLES)}")
+    spec = TABLES[table]
+    if budget not in spec.budgets:
+        raise ValueError(f"unknown budget {budget!r}; known: {', '.join(spec.budgets)}")
+    if epochs is not None or train_subset is not None:
+        base_budget = spec.budgets[budget]
+        custom = Budget(epochs or base_budget.epochs, train_subset or base_budget.train_subset)
+        budget = f"custom-e{custom.epochs}-n{custom.train_subset}"
+        spec = dataclasses.replace(spec, budgets={**spec.budgets, budget: custom})
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    pattern = re.compile(only, re.IGNORECASE) if only else None
+    out = Path(out)
+    base = _cell_dir(out, table, budget)
+    cells: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for row in spec.rows:
+        if pattern and not pattern.search(f"{row.label} {row.method} {row.model} {row.column}"):
+            continue
+        if row.method not in METHODS:
+            skipped.append(f"{row.label} ({row.method}): method not implemented yet")
+            continue
+        for seed in range(seeds):
+            path = base / "cells" / row.key / f"seed{seed}.json"
+            if path.is_file():
+                cells.append(json.loads(path.read_text()))
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cell = _run_cell(row, spec, budget, seed, base, device, data_dir, progress)
+            atomic_write_json(path, cell)
+            cells.append(cell)
+    name = f"{table}.md" if budget == "paper" else f"{table}-{budget}.md"
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = table_markdown(spec, budget, cells, skipped)
+    atomic_write_bytes(out / name, markdown.encode())
+    plots = _plots(spec, cells, base)
+    return {
+        "table": table,
+        "budget": budget,
+        "cells": cells,
+        "skipped": skipped,
+        "markdown": str(out / name),
+        "plots": plots,
+    }
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table_markdown(
+    spec: Table, budget: str, cells: list[dict[str, Any]], skipped: list[str]
+) -> str:
+    """Paper value next to ours for every row (mean ± std over seeds)."""
+    quick = budget != "paper"
+    ours = "ours (QUICK)" if quick else "ours"
+    b = spec.budgets[budget]
+    lines = [
+        f"# Table {spec.number}: {spec.title}" + (" — QUICK budget" if quick else ""),
+        "",
+        f"Dataset {spec.dataset}; budget `{budget}`: epochs "
+        f"{b.epochs or 'per protocol'}, training examples {b.train_subset or 'all'}. "
+        + (
+            "Quick numbers are from short runs and are NOT comparable to the paper's. "
+            if quick
+            else ""
+        ),
+        "",
+    ]
+    extra = {
+        "compression": [
+            "paper sparsity %",
+            f"{ours} sparsity %",
+            "paper |W|/|W≠0|",
+            f"{ours} |W|/|W≠0|",
+        ],
+        "neurons": ["paper neurons", f"{ours} neurons"],
+    }.get(spec.metric, [])
+    header = ["method", "network", "paper error %", f"{ours} error %", *extra, "epochs", "seeds"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in spec.rows:
+        mine = [
+            c
+            for c in cells
+            if c["label"] == row.label and c["model"] == row.model and c["column"] == row.column
+        ]
+        if not mine:
+            continue
+        errors = [100 * c["test_error"] for c in mine]
+        values = [row.label, row.column, f"{row.paper_error:.2f}", _mean_std(errors)]
+        if spec.metric == "compression":
+            ratios = [c["compression"]["compression_ratio"] or math.inf for c in mine]
+            values += [
+                row.paper_sparsity or "–",
+                mine[0]["compression"]["sparsity_per_layer"],
+                f"{row.paper_ratio:g}" if row.paper_ratio else "–",
+                _mean_std(ratios),
+            ]
+        elif spec.metric == "neurons":
+            values += [row.paper_neurons or "–", "-".join(map(str, mine[0]["neurons_per_layer"]))]
+        values += [str(mine[0]["epochs"]), str(len(mine))]
+        lines.append("| " + " | ".join(values) + " |")
+    if skipped:
+        lines += ["", "Not run:", *(f"- {s}" for s in skipped)]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(spec: Table, cells: list[dict[str, Any]], base: Path) -> list[str]:
+    """Learning curves, log α histograms and per-layer sparsity bars (needs matplotlib)."""
+    try:
+        from .plots import plot_cells
+    except ImportError:
+        return []
+    return plot_cells(spec, cells, base)

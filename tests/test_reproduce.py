@@ -1,0 +1,102 @@
+"""`vbd reproduce`: tables as data, end-to-end runs on generated CIFAR-10/SVHN files, resume."""
+
+import functools
+import json
+
+import pytest
+from data_fakes import write_cifar, write_svhn
+
+from vbdropout.cli import main
+from vbdropout.data import load_dataset
+from vbdropout.experiments import TABLES, reproduce
+
+
+def test_tables_hold_every_published_cell():
+    sizes = {name: len(t.rows) for name, t in TABLES.items()}
+    assert sizes == {"table1": 35, "table2": 21, "table3": 7, "table4": 14, "table5": 10}
+    for table in TABLES.values():
+        keys = [row.key for row in table.rows]
+        assert len(keys) == len(set(keys)), "cell keys must be unique"
+    vbd_t1 = [r.paper_error for r in TABLES["table1"].rows if r.method == "vbd"]
+    assert vbd_t1 == [1.56, 1.53, 1.53, 1.52, 1.45]
+    ours = [
+        r
+        for r in TABLES["table4"].rows
+        if r.label == "Ours (high sparsity)" and r.model == "lenet300_100"
+    ]
+    assert ours[0].paper_ratio == 81 and ours[0].paper_sparsity == "98.9-98.1-90.9"
+    sbp = [r for r in TABLES["table5"].rows if r.method == "sbp" and r.model == "lenet5_caffe"]
+    assert sbp[0].paper_neurons == "3-18-284-283" and sbp[0].init_from == "Original"
+
+
+@pytest.fixture
+def lenient_data(monkeypatch):
+    """Small generated files are well-formed but not of canonical size."""
+    monkeypatch.setattr(
+        "vbdropout.train.trainer.load_dataset", functools.partial(load_dataset, strict=False)
+    )
+
+
+def test_table2_runs_end_to_end_on_generated_cifar_files(tmp_path, lenient_data, monkeypatch):
+    write_cifar(tmp_path / "data" / "cifar10" / "cifar-10-batches-py", n=20)
+    result = reproduce(
+        "table2", only="^(No Dropout|Ours) .* scale 1$", out=tmp_path / "results",
+        data_dir=str(tmp_path / "data"), epochs=1, train_subset=60, progress=False, device="cpu",
+    )  # fmt: skip
+    labels = sorted(c["label"] for c in result["cells"])
+    assert labels == ["No Dropout", "Ours"]
+    markdown = (tmp_path / "results" / "table2-custom-e1-n60.md").read_text()
+    assert "| Ours | scale 1 | 39.50 |" in markdown and "QUICK" in markdown
+    cell_files = list((tmp_path / "results").rglob("seed0.json"))
+    assert len(cell_files) == 2
+    cell = json.loads(cell_files[0].read_text())
+    for key in ("command", "seed", "versions", "wall_seconds", "device", "test_error"):
+        assert key in cell
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("finished cells must not be retrained")
+
+    monkeypatch.setattr("vbdropout.train.trainer.train", no_training)
+    again = reproduce(
+        "table2", only="^(No Dropout|Ours) .* scale 1$", out=tmp_path / "results",
+        data_dir=str(tmp_path / "data"), epochs=1, train_subset=60, progress=False, device="cpu",
+    )  # fmt: skip
+    assert [c["test_error"] for c in again["cells"]] == [c["test_error"] for c in result["cells"]]
+
+
+def test_table3_runs_end_to_end_on_generated_svhn_files(tmp_path, lenient_data, capsys):
+    write_svhn(tmp_path / "data" / "svhn", "train_32x32.mat", n=40)
+    write_svhn(tmp_path / "data" / "svhn", "test_32x32.mat", n=20, seed=1)
+    argv = ["reproduce", "table3", "--only", "^Ours", "--out", str(tmp_path / "results"),
+            "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--train-subset", "40",
+            "--device", "cpu", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [c["label"] for c in result["cells"]] == ["Ours"]
+    assert result["skipped"] == []
+
+
+def test_quick_table4_row_on_real_mnist_with_plots(tmp_path, shared_data):
+    pytest.importorskip("matplotlib")
+    result = reproduce(
+        "table4", only="^Ours \\(low.*lenet300_100", out=tmp_path, data_dir=str(shared_data),
+        epochs=2, train_subset=2000, progress=False, device="cpu",
+    )  # fmt: skip
+    cell = result["cells"][0]
+    assert cell["compression"]["layers"][0]["weights"] == 784 * 300
+    assert any(p.endswith("learning_curves.png") for p in result["plots"])
+    assert any("log_alpha_" in p for p in result["plots"])
+    markdown = (tmp_path / "table4-custom-e2-n2000.md").read_text()
+    assert "98.7-97.4-87.4" in markdown
+
+
+def test_rows_without_an_implemented_method_are_listed_not_run(tmp_path, monkeypatch):
+    from vbdropout.models import METHODS
+
+    monkeypatch.delitem(METHODS, "sparse_vd")
+    result = reproduce("table4", only="^VD .*lenet300", out=tmp_path, progress=False)
+    assert result["cells"] == []
+    assert result["skipped"] == ["VD (sparse_vd): method not implemented yet"]
+    assert "Not run:" in (tmp_path / "table4-quick.md").read_text()
+    with pytest.raises(ValueError, match="unknown table"):
+        reproduce("table9")
