@@ -8,10 +8,10 @@ from torch import nn
 
 from vbdropout import Conv2dVBD, LinearVBD, compression_report
 from vbdropout.cli import main
-from vbdropout.compress.deterministic import to_deterministic
 from vbdropout.compress.export import export_compressed, load_shrunk, load_sparse
 from vbdropout.compress.shrink import neurons_per_layer, shrink
 from vbdropout.data import load_dataset
+from vbdropout.nn.deterministic import to_deterministic
 from vbdropout.nn.structured import StructuredBayesianPruning, StructuredVBD
 
 

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn.deterministic import InputSelect
 from ..train.checkpoint import atomic_write_bytes, atomic_write_json
-from .deterministic import InputSelect
 from .report import compression_report
 from .shrink import fold_scales, neurons_per_layer, shrink
 

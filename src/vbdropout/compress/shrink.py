@@ -3,7 +3,7 @@
 :func:`shrink` turns a trained model into a smaller plain ``nn.Sequential`` that
 computes the same function as ``model.eval()`` (up to float rounding):
 
-1. :func:`~vbdropout.compress.deterministic.to_deterministic` — plain layers,
+1. :func:`~vbdropout.nn.deterministic.to_deterministic` — plain layers,
    pruned weights zeroed, unit-noise layers as fixed scales;
 2. :func:`fold_scales` — every scale is multiplied into the weight layer it
    touches (a scale on a convolution's output into that convolution's rows and
@@ -14,7 +14,7 @@ computes the same function as ``model.eval()`` (up to float rounding):
    constant f(bias), which is folded into B's bias exactly (B linear, or B a
    convolution without padding; with padding only a zero constant is removed);
 4. input features that the first linear layer never reads are dropped by an
-   :class:`~vbdropout.compress.deterministic.InputSelect`.
+   :class:`~vbdropout.nn.deterministic.InputSelect`.
 
 Steps 3–4 repeat until nothing changes. Supported: ``Sequential`` networks of
 Linear, Conv2d (groups = 1), ReLU, MaxPool2d, Flatten, Dropout/Identity — the
@@ -28,7 +28,7 @@ from itertools import pairwise
 import torch
 from torch import Tensor, nn
 
-from .deterministic import InputSelect, Scale, to_deterministic
+from ..nn.deterministic import InputSelect, Scale, to_deterministic
 
 __all__ = ["fold_scales", "neurons_per_layer", "shrink"]
 

@@ -17,6 +17,7 @@ MODELS: dict[str, Callable[..., nn.Sequential]] = {
     "lenet300_100": networks.lenet300_100,
     "lenet500_300": networks.lenet500_300,
     "lenet5_caffe": networks.lenet5_caffe,
+    "kingma_cifar": networks.kingma_cifar,
 }
 
 
@@ -27,16 +28,19 @@ def build_model(
     num_classes: int = 10,
     method_options: dict[str, Any] | None = None,
     **network_options: Any,
-) -> nn.Sequential:
+) -> nn.Module:
     """Build network ``name`` with the layers of ``method``.
 
     method_options go to the method (e.g. ``{"threshold": 3.0}``); network_options
-    to the network (e.g. ``width=340`` for ``mlp_srivastava``).
+    to the network (e.g. ``width=340`` for ``mlp_srivastava``). The result is the
+    network (an ``nn.Sequential``) or, for methods that act on the whole network
+    (``adversarial``), the method's wrapper around it (``Method.wrap``).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
     resolved = get_method(method, **(method_options or {}))
     try:
-        return MODELS[name](resolved, tuple(input_shape), num_classes, **network_options)
+        network = MODELS[name](resolved, tuple(input_shape), num_classes, **network_options)
     except TypeError as err:
         raise ValueError(f"bad options for model {name!r}: {err}") from None
+    return resolved.wrap(network)

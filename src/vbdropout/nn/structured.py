@@ -28,6 +28,7 @@ from torch.special import log_ndtr, ndtr, ndtri
 
 from ..priors import Prior, get_prior
 from .base import VariationalModule
+from .deterministic import Scale
 from .gaussian import LOG_ALPHA_RANGE, _validate_threshold
 
 __all__ = ["StructuredBayesianPruning", "StructuredVBD", "UnitNoise"]
@@ -59,8 +60,6 @@ class UnitNoise(VariationalModule):
     @torch.no_grad()
     def deterministic(self) -> nn.Module:
         """The evaluation-time equivalent: a fixed per-unit scale."""
-        from ..compress.deterministic import Scale
-
         return Scale(self.multiplier())
 
     def forward(self, x: Tensor) -> Tensor:
