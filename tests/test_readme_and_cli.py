@@ -5,18 +5,22 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from vbdropout.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_example_runs():
+def test_readme_python_examples_run():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "README.md must contain a python example"
+    assert len(blocks) >= 2, "README.md must contain the python examples"
     namespace: dict = {}
     exec(compile(blocks[0], str(README), "exec"), namespace)
     assert namespace["probs"].shape == (100, 10)
+    exec(compile(blocks[1], str(README), "exec"), namespace)
+    assert namespace["loss"].dim() == 0
+    assert type(namespace["plain"][4]) is torch.nn.Linear
 
 
 def test_demo_json_is_the_last_line(capsys):

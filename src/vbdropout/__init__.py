@@ -6,8 +6,18 @@ reruns the paper's tables.
 """
 
 from .compress import CompressionReport, compression_report
+from .convert import convert
 from .losses import elbo_loss, kl_divergence
-from .nn import Conv1dVBD, Conv2dVBD, Conv3dVBD, LinearVBD, VariationalModule, mc_sampling
+from .nn import (
+    Conv1dVBD,
+    Conv2dVBD,
+    Conv3dVBD,
+    LinearVBD,
+    StructuredVBD,
+    VariationalModule,
+    mc_sampling,
+    to_deterministic,
+)
 from .priors import get_prior
 
 __version__ = "0.1.0"
@@ -18,11 +28,14 @@ __all__ = [
     "Conv2dVBD",
     "Conv3dVBD",
     "LinearVBD",
+    "StructuredVBD",
     "VariationalModule",
     "__version__",
     "compression_report",
+    "convert",
     "elbo_loss",
     "get_prior",
     "kl_divergence",
     "mc_sampling",
+    "to_deterministic",
 ]
