@@ -268,3 +268,27 @@ def test_bad_input_gives_clear_errors():
     with pytest.raises(ValueError, match="alpha_per"):
         LinearVBD(4, 2, alpha_per="neuron")
     assert layer.threshold == 3.0, "a rejected threshold leaves the old one in place"
+
+
+def test_eval_weight_cache_follows_every_change():
+    torch.manual_seed(6)
+    layer = LinearVBD(5, 3)
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        first = layer.eval()(x)
+        assert torch.equal(layer(x), first)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer.train()(x).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        after_step = layer.eval()(x)
+        assert not torch.equal(after_step, first)
+        assert torch.equal(after_step, F.linear(x, layer.masked_weight(), layer.bias))
+        layer.log_sigma2.fill_(5.0)  # in-place change of the variance: everything pruned
+        assert torch.equal(layer(x), layer.bias.expand(4, 3))
+        layer.threshold = None
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    with torch.enable_grad():
+        out = layer(x)
+    out.sum().backward()
+    assert layer.weight.grad is not None, "evaluation with autograd still differentiates"

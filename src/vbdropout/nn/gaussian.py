@@ -173,6 +173,28 @@ class GaussianWeight(VariationalModule):
         """The posterior mean θ with the pruned weights set to zero."""
         return self.weight * self.keep_mask()
 
+    def _eval_weight(self) -> Tensor:
+        """:meth:`masked_weight`, cached across evaluation forwards without autograd.
+
+        The cache is keyed on the parameters' in-place version counters (an
+        optimizer step or ``load_state_dict`` bumps them) and the threshold.
+        """
+        if torch.is_grad_enabled():
+            return self.masked_weight()
+        variance = self.log_sigma2 if self.alpha_per == "weight" else self.log_alpha_tied
+        key = (
+            self.weight._version,
+            self.weight.data_ptr(),
+            variance._version,
+            variance.data_ptr(),
+            self.threshold,
+        )
+        cached = self.__dict__.get("_eval_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.masked_weight())
+            self.__dict__["_eval_cache"] = cached
+        return cached[1]
+
     @torch.no_grad()
     def deterministic(self) -> nn.Module:
         """The plain torch layer computing this layer's evaluation output (pruned θ)."""
@@ -202,7 +224,7 @@ class GaussianWeight(VariationalModule):
             if not torch.isfinite(x).all():
                 raise ValueError(f"{type(self).__name__} got an input containing NaN or inf")
         if not self.sampling():
-            return self._apply_weight(x, self.masked_weight(), self.bias)
+            return self._apply_weight(x, self._eval_weight(), self.bias)
         theta, sigma2 = self.weight, self.sigma2()
         if self.mc or self.train_clip:
             mask = self.keep_mask()

@@ -1,0 +1,289 @@
+"""Training-step time of our layers vs plain torch and peer Bayesian layers, side by side.
+
+Measures forward + backward + Adam step of LeNet-300-100 and LeNet-5-Caffe at
+batch 100 and 1000 for: plain torch layers, our VBD and sparse VD layers, and —
+when installed (``pip install "vbdropout[bench]"``) — bayesian-torch
+(reparameterization and flipout) and torchbnn. Variants are timed round-robin
+in the same process so that every ratio compares numbers taken side by side.
+Also measures how much the local reparameterization trick reduces gradient
+variance compared with sampling one weight matrix per batch, and the peak RSS
+of each variant (one subprocess each).
+
+    python benchmarks/bench_train_step.py [--rounds 7] [--steps 20] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from itertools import pairwise
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vbdropout import kl_divergence
+from vbdropout.models import build_model
+
+N_TRAIN = 60_000
+
+
+class PeerNet(nn.Module):
+    """A sequential net of peer layers whose forwards may return (out, kl)."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kl = x.new_zeros(())
+        for layer in self.layers:
+            x = layer(x)
+            if isinstance(x, tuple):
+                x, layer_kl = x
+                kl = kl + layer_kl
+        return x, kl
+
+
+def _peer_layers(model: str, linear: Callable, conv: Callable | None) -> list[nn.Module]:
+    if model == "lenet300_100":
+        dims = [784, 300, 100, 10]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for i, (a, b) in enumerate(pairwise(dims)):
+            layers.append(linear(a, b))
+            if i < 2:
+                layers.append(nn.ReLU())
+        return layers
+    return [
+        conv(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2), conv(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), linear(800, 500), nn.ReLU(), linear(500, 10),
+    ]  # fmt: skip
+
+
+def variants(model: str) -> dict[str, Callable[[], tuple[nn.Module, Callable]]]:
+    """name -> factory returning (module, loss_fn(module, x, y))."""
+
+    def ours(method: str) -> Callable[[], tuple[nn.Module, Callable]]:
+        def make() -> tuple[nn.Module, Callable]:
+            net = build_model(model, method)
+
+            def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                out = F.cross_entropy(m(x), y)
+                return out + kl_divergence(m) / N_TRAIN if method != "none" else out
+
+            return net, loss
+
+        return make
+
+    found = {
+        "plain torch": ours("none"),
+        "vbdropout vbd": ours("vbd"),
+        "vbdropout sparse_vd": ours("sparse_vd"),
+    }
+
+    def peer(linear: Callable, conv: Callable) -> Callable[[], tuple[nn.Module, Callable]]:
+        def make() -> tuple[nn.Module, Callable]:
+            net = PeerNet(_peer_layers(model, linear, conv))
+
+            def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                out, kl = m(x)
+                return F.cross_entropy(out, y) + kl / N_TRAIN
+
+            return net, loss
+
+        return make
+
+    try:
+        import bayesian_torch.layers as bt
+
+        found["bayesian-torch reparam"] = peer(
+            bt.LinearReparameterization, bt.Conv2dReparameterization
+        )
+        found["bayesian-torch flipout"] = peer(bt.LinearFlipout, bt.Conv2dFlipout)
+    except ImportError:
+        pass
+    try:
+        import torchbnn as bnn
+
+        class TorchbnnKL(nn.Module):
+            def __init__(self, layers: list[nn.Module]) -> None:
+                super().__init__()
+                self.net = nn.Sequential(*layers)
+                self.kl = bnn.BKLLoss(reduction="sum", last_layer_only=False)
+
+            def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return self.net(x), self.kl(self.net)
+
+        def tb_linear(a: int, b: int) -> nn.Module:
+            return bnn.BayesLinear(prior_mu=0.0, prior_sigma=0.1, in_features=a, out_features=b)
+
+        def tb_conv(a: int, b: int, k: int) -> nn.Module:
+            return bnn.BayesConv2d(
+                prior_mu=0.0, prior_sigma=0.1, in_channels=a, out_channels=b, kernel_size=k
+            )
+
+        def make_tb() -> tuple[nn.Module, Callable]:
+            net = TorchbnnKL(_peer_layers(model, tb_linear, tb_conv))
+
+            def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                out, kl = m(x)
+                return F.cross_entropy(out, y) + kl / N_TRAIN
+
+            return net, loss
+
+        found["torchbnn"] = make_tb
+    except ImportError:
+        pass
+    return found
+
+
+def time_steps(model: str, batch: int, rounds: int, steps: int) -> dict[str, float]:
+    """Median seconds per training step of every variant, measured round-robin."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, 1, 28, 28)
+    y = torch.randint(0, 10, (batch,))
+    built = {}
+    for name, make in variants(model).items():
+        net, loss = make()
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        built[name] = (net.train(), loss, opt)
+
+    def run(name: str, n: int) -> float:
+        net, loss, opt = built[name]
+        start = time.perf_counter()
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            loss(net, x, y).backward()
+            opt.step()
+        return (time.perf_counter() - start) / n
+
+    for name in built:  # warm-up
+        run(name, 3)
+    samples: dict[str, list[float]] = {name: [] for name in built}
+    for _ in range(rounds):
+        for name in built:
+            samples[name].append(run(name, steps))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def gradient_variance(batch: int = 100, repeats: int = 300) -> dict[str, float]:
+    """Variance of ∂loss/∂θ over noise draws: LRT vs one weight sample per batch.
+
+    The layer is LeNet-300-100's second (300 → 100, inputs are ReLU activations)
+    with α = 0.5 on every weight; the rest of the network is held deterministic
+    and the minibatch fixed, so only the layer's own noise varies.
+    """
+    torch.manual_seed(0)
+    net = build_model("lenet300_100", "vbd").eval()
+    layer = net[3]
+    with torch.no_grad():
+        layer.log_sigma2.copy_(torch.log(0.5 * layer.weight**2 + 1e-8))
+        h = net[:3](torch.rand(batch, 1, 28, 28))
+    y = torch.randint(0, 10, (batch,))
+    head = net[4:]
+
+    def grads(sample_weights: bool) -> torch.Tensor:
+        out = []
+        for _ in range(repeats):
+            layer.weight.grad = None
+            if sample_weights:
+                w = layer.weight + layer.sigma2().sqrt() * torch.randn_like(layer.weight)
+                pre = F.linear(h, w, layer.bias)
+            else:
+                pre = layer.train()(h)
+            F.cross_entropy(head(pre), y).backward()
+            out.append(layer.weight.grad.flatten().clone())
+        return torch.stack(out)
+
+    lrt, sampled = grads(False), grads(True)
+    v_lrt, v_sampled = lrt.var(0).mean().item(), sampled.var(0).mean().item()
+    return {"lrt": v_lrt, "weight_sample": v_sampled, "ratio": v_sampled / v_lrt}
+
+
+def peak_memory(model: str, batch: int, name: str) -> float:
+    """Growth of peak RSS (MiB) while a fresh process runs 5 steps of one variant."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r});"
+        "from bench_train_step import time_single;"
+        f"print(time_single({model!r}, {batch}, {name!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def time_single(model: str, batch: int, name: str) -> float:
+    """Run 5 training steps; return the growth of peak RSS in MiB."""
+    import resource
+
+    net, loss = variants(model)[name]()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(5):
+        opt.zero_grad()
+        loss(net, x, y).backward()
+        opt.step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--models", nargs="+", default=["lenet300_100", "lenet5_caffe"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[100, 1000])
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    result = {
+        "machine": {
+            "cpu_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
+        "steps": {},
+        "memory_mib": {},
+    }
+    for model in args.models:
+        for batch in args.batches:
+            times = time_steps(model, batch, args.rounds, max(2, args.steps * 100 // batch))
+            base = times["plain torch"]
+            result["steps"][f"{model} b{batch}"] = {
+                k: {"seconds": v, "ratio": v / base} for k, v in times.items()
+            }
+            print(
+                f"{model} batch {batch}: "
+                + ", ".join(f"{k} {v / base:.2f}×" for k, v in times.items()),
+                flush=True,
+            )
+            if not args.no_memory:
+                result["memory_mib"][f"{model} b{batch}"] = {
+                    k: peak_memory(model, batch, k) for k in times
+                }
+    result["gradient_variance"] = gradient_variance()
+    print(f"gradient variance, weight sampling / LRT: {result['gradient_variance']['ratio']:.1f}×")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_step.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        "| model, batch | variant | s/step | × plain | peak RSS MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for key, entry in result["steps"].items():
+        for name, v in entry.items():
+            mem = result["memory_mib"].get(key, {}).get(name)
+            shown = "–" if mem is None else f"{mem:.0f}"
+            lines.append(f"| {key} | {name} | {v['seconds']:.4f} | {v['ratio']:.2f} | {shown} |")
+    (out / "train_step.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
