@@ -2,7 +2,9 @@
 
 Measures forward + backward + Adam step of LeNet-300-100 and LeNet-5-Caffe at
 batch 100 and 1000 for: plain torch layers, our VBD and sparse VD layers, and —
-when installed (``pip install "vbdropout[bench]"``) — bayesian-torch
+when installed (``pip install "vbdropout[bench]" && pip install --no-deps
+bayesian-torch``; its declared torchvision dependency does not import beside
+torch 2.13 and the layers measured here do not use it) — bayesian-torch
 (reparameterization and flipout) and torchbnn. Variants are timed round-robin
 in the same process so that every ratio compares numbers taken side by side.
 Also measures how much the local reparameterization trick reduces gradient
