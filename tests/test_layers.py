@@ -206,9 +206,9 @@ def test_kingma_prior_caps_alpha_at_one_for_tied_and_per_weight_alpha():
         layer = LinearVBD(5, 3, prior="kingma", alpha_per=alpha_per)
         assert not hasattr(layer, "log_sigma2")
         shape = (3, 1) if alpha_per == "unit" else (1, 1)
-        assert layer.log_alpha_tied.shape == shape
+        assert layer.log_alpha_param.shape == shape
         with torch.no_grad():
-            layer.log_alpha_tied.fill_(4.0)
+            layer.log_alpha_param.fill_(4.0)
         assert (layer.log_alpha <= 0).all()
         assert torch.allclose(layer.sigma2(), layer.weight**2)
         per_alpha = layer.prior.kl(layer.log_alpha).sum()
@@ -221,7 +221,7 @@ def test_kingma_prior_caps_alpha_at_one_for_tied_and_per_weight_alpha():
 
 def test_conv_tied_alpha_per_channel():
     layer = Conv2dVBD(2, 4, 3, prior="kingma", alpha_per="unit")
-    assert layer.log_alpha_tied.shape == (4, 1, 1, 1)
+    assert layer.log_alpha_param.shape == (4, 1, 1, 1)
     assert layer.keep_mask().shape == layer.weight.shape
     assert layer.train()(torch.randn(2, 2, 6, 6)).shape == (2, 4, 4, 4)
 
@@ -292,3 +292,15 @@ def test_eval_weight_cache_follows_every_change():
         out = layer(x)
     out.sum().backward()
     assert layer.weight.grad is not None, "evaluation with autograd still differentiates"
+
+
+def test_log_alpha_parameterization_learns_log_alpha_per_weight():
+    layer = LinearVBD(4, 3, parameterization="log_alpha", init_log_alpha=-2.0)
+    assert not hasattr(layer, "log_sigma2") and layer.log_alpha_param.shape == (3, 4)
+    assert torch.allclose(layer.sigma2(), math.exp(-2.0) * layer.weight**2)
+    assert "parameterization=log_alpha" in repr(layer)
+    out = layer.train()(torch.randn(5, 4))
+    (out.sum() + layer.kl()).backward()
+    assert layer.log_alpha_param.grad is not None and layer.weight.grad is not None
+    with pytest.raises(ValueError, match="parameterization"):
+        LinearVBD(4, 3, parameterization="sigma")

@@ -103,7 +103,7 @@ def test_fast_dropout_matches_monte_carlo_bernoulli_dropout_linear():
         assert ((samples.var(0) / var - 1).abs() < 6 * math.sqrt(2 / n)).all()
     assert torch.allclose(layer.eval()(x), F.linear(x, w, b))  # eval: mean weights
     assert float(layer.kl()) == 0.0
-    assert not layer.log_alpha_tied.requires_grad  # α = p/(1 − p) is fixed
+    assert not layer.log_alpha_param.requires_grad  # α = p/(1 − p) is fixed
     assert math.isclose(layer.log_alpha.item(), math.log(p / (1 - p)), abs_tol=1e-6)
 
 
@@ -152,7 +152,7 @@ def test_vd_alpha_never_exceeds_one(method):
     layers = [m for m in model.modules() if isinstance(m, (VariationalGaussianDropout, LinearVBD))]
     # initial α = p/(1 − p) by position: 0.25 on the input, 1 on hidden units
     assert [round(m.log_alpha.exp().max().item(), 4) for m in layers] == [0.25, 1.0, 1.0]
-    raw = [m.log_alpha_param if method == "vd_a" else m.log_alpha_tied for m in layers]
+    raw = [m.log_alpha_param if method == "vd_a" else m.log_alpha_param for m in layers]
     opt = torch.optim.Adam(raw, lr=0.2)
     for _ in range(30):  # Kingma's KL decreases in α: minimizing it pushes α up
         opt.zero_grad()

@@ -60,7 +60,7 @@ class _FastDropout(GaussianWeight):
             init_log_alpha=log_alpha,
             **kwargs,
         )
-        self.log_alpha_tied.requires_grad_(False)
+        self.log_alpha_param.requires_grad_(False)
 
     def extra_repr(self) -> str:
         return f"{super(GaussianWeight, self).extra_repr()}, p={self.p}"

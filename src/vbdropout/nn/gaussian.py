@@ -8,8 +8,12 @@ shared:
   (2017): parameters ``weight`` (θ) and ``log_sigma2`` (log σ²), so that the
   gradient of θ carries no noise from α; α = σ²/θ².
 - ``alpha_per="unit"`` / ``"layer"`` — Kingma et al. (2015): one log α per
-  output unit (or channel) or per layer, parameter ``log_alpha_tied``, and
+  output unit (or channel) or per layer, parameter ``log_alpha_param``, and
   σ² = αθ².
+- ``alpha_per="weight", parameterization="log_alpha"`` — one learned log α per
+  weight (parameter ``log_alpha_param``, σ² = αθ²): the alternative some
+  reimplementations of VBD use; see docs/PARAMETERIZATION.md for how the two
+  compare on LeNet-300-100.
 
 Training forward uses the local reparameterization trick: the pre-activation
 b = x·W is Gaussian with mean x·θ and variance x²·σ², so b is sampled directly
@@ -82,6 +86,7 @@ class GaussianWeight(VariationalModule):
         train_clip: bool = False,
         init_log_sigma2: float = -10.0,
         init_log_alpha: float = 0.0,
+        parameterization: Literal["additive", "log_alpha"] = "additive",
         **kwargs: Any,
     ) -> None:
         """``args``/``kwargs`` go to the torch layer unchanged (same signature).
@@ -93,7 +98,9 @@ class GaussianWeight(VariationalModule):
             never prunes.
         train_clip: also drop the pruned weights while training (sparse VD protocol).
         init_log_sigma2: initial log σ² (``alpha_per="weight"``).
-        init_log_alpha: initial log α (tied α).
+        init_log_alpha: initial log α (tied α, or the ``log_alpha`` parameterization).
+        parameterization: ``additive`` (θ, log σ²) or ``log_alpha`` (θ, log α); tied α
+            is always parameterized by log α.
         """
         super().__init__(*args, **kwargs)
         self.prior = get_prior(prior)
@@ -105,12 +112,19 @@ class GaussianWeight(VariationalModule):
         self.init_log_sigma2 = float(init_log_sigma2)
         self.init_log_alpha = float(init_log_alpha)
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        if alpha_per == "weight":
+        if parameterization not in ("additive", "log_alpha"):
+            raise ValueError(
+                f"parameterization must be 'additive' or 'log_alpha', got {parameterization!r}"
+            )
+        self.additive = alpha_per == "weight" and parameterization == "additive"
+        if self.additive:
             self.log_sigma2 = nn.Parameter(torch.empty_like(self.weight))
+        elif alpha_per == "weight":
+            self.log_alpha_param = nn.Parameter(torch.empty_like(self.weight))
         else:
             ndim = self.weight.dim()
             out = self.weight.shape[0] if alpha_per == "unit" else 1
-            self.log_alpha_tied = nn.Parameter(torch.empty((out,) + (1,) * (ndim - 1), **factory))
+            self.log_alpha_param = nn.Parameter(torch.empty((out,) + (1,) * (ndim - 1), **factory))
         self.reset_variational_parameters()
 
     @property
@@ -130,10 +144,10 @@ class GaussianWeight(VariationalModule):
 
     def reset_variational_parameters(self) -> None:
         with torch.no_grad():
-            if self.alpha_per == "weight":
+            if self.additive:
                 self.log_sigma2.fill_(self.init_log_sigma2)
             else:
-                self.log_alpha_tied.fill_(self.init_log_alpha)
+                self.log_alpha_param.fill_(self.init_log_alpha)
 
     @property
     def _log_alpha_max(self) -> float:
@@ -143,16 +157,16 @@ class GaussianWeight(VariationalModule):
     @property
     def log_alpha(self) -> Tensor:
         """Clipped log α, shaped like ``weight`` (per-weight) or broadcastable to it (tied)."""
-        if self.alpha_per == "weight":
+        if self.additive:
             raw = self.log_sigma2 - torch.log(self.weight * self.weight + _THETA_EPS)
         else:
-            raw = self.log_alpha_tied
+            raw = self.log_alpha_param
         return raw.clamp(LOG_ALPHA_RANGE[0], self._log_alpha_max)
 
     def sigma2(self) -> Tensor:
         """Posterior variance σ² of every weight."""
         theta2 = self.weight * self.weight
-        if self.alpha_per != "weight":
+        if not self.additive:
             return self.log_alpha.exp() * theta2
         sigma2 = self.log_sigma2.exp()
         if self.prior.max_log_alpha is not None:
@@ -181,7 +195,7 @@ class GaussianWeight(VariationalModule):
         """
         if torch.is_grad_enabled():
             return self.masked_weight()
-        variance = self.log_sigma2 if self.alpha_per == "weight" else self.log_alpha_tied
+        variance = self.log_sigma2 if self.additive else self.log_alpha_param
         key = (
             self.weight._version,
             self.weight.data_ptr(),
@@ -236,7 +250,12 @@ class GaussianWeight(VariationalModule):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, prior={self.prior.name}, alpha_per={self.alpha_per}, "
-            f"threshold={self.threshold}, train_clip={self.train_clip}"
+            + (
+                ""
+                if self.additive or self.alpha_per != "weight"
+                else "parameterization=log_alpha, "
+            )
+            + f"threshold={self.threshold}, train_clip={self.train_clip}"
         )
 
     def _load_from_state_dict(
@@ -250,7 +269,7 @@ class GaussianWeight(VariationalModule):
         error_msgs: list[str],
     ) -> None:
         """Accept a plain layer's state_dict: θ and bias from it, the variance at its init."""
-        names = ("log_sigma2",) if self.alpha_per == "weight" else ("log_alpha_tied",)
+        names = ("log_sigma2",) if self.additive else ("log_alpha_param",)
         absent = [prefix + n for n in names if prefix + n not in state_dict]
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

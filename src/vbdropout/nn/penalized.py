@@ -1,0 +1,255 @@
+"""Plain weight layers with a training penalty: the base of the pruning baselines.
+
+The compression baselines of Tables 4–5 (Han et al.'s pruning, dynamic network
+surgery, soft weight-sharing, SSL) train ordinary weights; what makes each of
+them is a term of the training objective and a rule that zeroes weights. Their
+layers subclass ``nn.Linear`` / ``nn.Conv2d`` (a plain ``state_dict`` loads
+into them, and :func:`~vbdropout.compress.compression_report` counts their
+``weight``) and this mixin:
+
+- :meth:`~PenalizedWeight.kl` — the layer's term of the objective for the
+  whole training set, N·(λ/2)·‖W‖² for an L2 weight decay λ (Caffe's
+  ``weight_decay``, which all four papers train with, is λ per example) plus
+  the method's :meth:`~PenalizedWeight.penalty`;
+- :meth:`~PenalizedWeight.masked_weight` — the weight evaluation uses;
+  :meth:`~PenalizedWeight.deterministic` returns the plain layer holding it.
+
+:class:`MaskedWeight` adds a fixed binary mask whose zeros stay exactly zero
+in ``weight`` through any ``torch.optim`` optimizer's steps (see its docstring).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
+
+from .base import VariationalModule
+
+__all__ = ["MaskedWeight", "PenalizedWeight", "check_dataset_size", "check_nonnegative"]
+
+
+def check_nonnegative(value: float, name: str) -> float:
+    """``value`` as a finite float >= 0, else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_dataset_size(dataset_size: int | None, needed_for: str | None) -> int | None:
+    """Validate N; ``needed_for`` names the term that needs it (None: it may be absent)."""
+    if dataset_size is None:
+        if needed_for is not None:
+            raise ValueError(
+                f"{needed_for} is scaled to the training set and needs dataset_size "
+                f"(N, the number of training examples)"
+            )
+        return None
+    if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
+        raise ValueError(f"dataset_size must be a positive int, got {dataset_size!r}")
+    return dataset_size
+
+
+def _conv_class(layer: nn.Module) -> type[nn.Module]:
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(layer.kernel_size)]  # type: ignore[arg-type]
+
+
+class PenalizedWeight(VariationalModule):
+    """Mixin for a torch ``Linear``/``ConvNd`` trained with a penalty; see the module docstring.
+
+    Subclasses combine it with the torch layer (``class L(Mixin, nn.Linear)``) and
+    override :meth:`penalty`, :meth:`masked_weight` and, for a training forward
+    that differs from evaluation, :meth:`training_weight`. ``optional_state``
+    lists the state_dict entries a plain layer's state lacks: a plain
+    ``state_dict`` (e.g. a pretrained ``nn.Linear``) loads and leaves them as built.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    optional_state: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        *args: Any,
+        weight_decay: float = 0.0,
+        dataset_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``args``/``kwargs`` go to the torch layer unchanged.
+
+        weight_decay: λ of the L2 term (λ/2)·‖W‖² per training example.
+        dataset_size: N, the number of training examples (needed when λ > 0).
+        """
+        super().__init__(*args, **kwargs)
+        self.weight_decay = check_nonnegative(weight_decay, "weight_decay")
+        needs = "weight_decay" if self.weight_decay > 0 else None
+        self.dataset_size = check_dataset_size(dataset_size, needs)
+
+    # ----------------------------------------------------------- the objective
+
+    def penalty(self) -> Tensor:
+        """The method's own term of the objective (whole training set, nats); none here."""
+        return self.weight.new_zeros(())
+
+    def kl(self) -> Tensor:
+        """N·(λ/2)·‖W‖² plus :meth:`penalty` (biases are not penalized)."""
+        total = self.penalty()
+        if self.weight_decay > 0:
+            assert self.dataset_size is not None
+            l2 = self.weight.square().sum()
+            total = total + self.dataset_size * self.weight_decay / 2 * l2
+        return total
+
+    # ----------------------------------------------------------- the weights
+
+    def masked_weight(self) -> Tensor:
+        """The weight the evaluation forward uses (``weight`` itself here)."""
+        return self.weight
+
+    def training_weight(self) -> Tensor:
+        """The weight the training forward uses (by default the evaluation one)."""
+        return self.masked_weight()
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.training_weight() if self.training else self.masked_weight()
+        return self._apply_weight(x, weight, self.bias)
+
+    def _apply_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if isinstance(self, nn.modules.conv._ConvNd):
+            return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
+        return nn.functional.linear(x, weight, bias)
+
+    def _plain_layer(self) -> nn.Module:
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        has_bias = self.bias is not None
+        if isinstance(self, nn.modules.conv._ConvNd):
+            return _conv_class(self)(
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size,
+                stride=self.stride,
+                padding=self.padding,
+                dilation=self.dilation,
+                groups=self.groups,
+                bias=has_bias,
+                padding_mode=self.padding_mode,
+                **factory,
+            )
+        return nn.Linear(self.in_features, self.out_features, has_bias, **factory)  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def deterministic(self) -> nn.Module:
+        """The plain torch layer holding :meth:`masked_weight` (what evaluation computes)."""
+        plain = self._plain_layer()
+        plain.weight.copy_(self.masked_weight())
+        if self.bias is not None:
+            plain.bias.copy_(self.bias)
+        return plain.eval()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_decay={self.weight_decay}"
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Also accept a plain layer's state_dict: the optional entries keep their values."""
+        optional = [prefix + n for n in self.optional_state]
+        plain = prefix + "weight" in state_dict and not any(k in state_dict for k in optional)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if plain:
+            for key in optional:
+                if key in missing_keys:
+                    missing_keys.remove(key)
+        self._after_load()
+
+    def _after_load(self) -> None:
+        """Restore the layer's invariants after a state_dict was loaded."""
+
+
+# Every live MaskedWeight; the optimizer hook below re-applies their masks.
+_MASKED: weakref.WeakSet[MaskedWeight] = weakref.WeakSet()
+
+
+def _reapply_masks(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    if not _MASKED:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for layer in list(_MASKED):
+        if id(layer.weight) in stepped:
+            layer.apply_mask_()
+
+
+register_optimizer_step_post_hook(_reapply_masks)
+
+
+class MaskedWeight(PenalizedWeight):
+    """A :class:`PenalizedWeight` with a binary ``mask`` buffer (1 = kept, 0 = pruned).
+
+    The forward pass uses ``weight · mask``, so the gradient of a pruned weight
+    is zero; and the pruned entries of ``weight`` are kept exactly zero: after
+    the mask changes, after a state_dict is loaded, and after every step of any
+    ``torch.optim`` optimizer that holds ``weight`` (a global step post-hook; an
+    optimizer with momentum or Adam's moments would otherwise move a pruned
+    weight away from zero with a zero gradient). Plain code that reads
+    ``weight`` (the compression report, export) therefore sees the pruned network.
+    """
+
+    optional_state: tuple[str, ...] = ("mask",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("mask", torch.ones_like(self.weight))
+        _MASKED.add(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # copies and unpickled layers
+        super().__setstate__(state)
+        _MASKED.add(self)
+
+    def masked_weight(self) -> Tensor:
+        """``weight · mask``."""
+        return self.weight * self.mask
+
+    @torch.no_grad()
+    def apply_mask_(self) -> None:
+        """Set the pruned entries of ``weight`` to exactly zero."""
+        self.weight.mul_(self.mask)
+
+    @torch.no_grad()
+    def set_mask_(self, keep: Tensor) -> None:
+        """Replace the mask by ``keep`` (bool or 0/1, shaped like ``weight``) and apply it."""
+        if keep.shape != self.weight.shape:
+            raise ValueError(
+                f"mask of shape {tuple(keep.shape)} for a weight of shape {tuple(self.weight.shape)}"
+            )
+        self.mask.copy_(keep.to(self.mask.dtype))
+        self.apply_mask_()
+
+    def kept(self) -> int:
+        """Number of weights the mask keeps."""
+        return int(self.mask.count_nonzero())
+
+    def _after_load(self) -> None:
+        self.apply_mask_()
+
+
+def per_layer_values(values: Sequence[float], count: int, name: str) -> list[float]:
+    """A per-layer sequence of length ``count`` (a ValueError otherwise)."""
+    if len(values) != count:
+        raise ValueError(f"{name} gives {len(values)} values for a network of {count} layers")
+    return list(values)
