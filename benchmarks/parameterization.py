@@ -30,8 +30,12 @@ def run(parameterization: str, epochs: int, data, seed: int) -> list[dict]:
     if parameterization == "log_alpha":
         for i, layer in enumerate(model):
             if isinstance(layer, LinearVBD):
-                fresh = LinearVBD(layer.in_features, layer.out_features, parameterization="log_alpha",
-                                  init_log_alpha=float(layer.log_alpha.mean()))  # fmt: skip
+                fresh = LinearVBD(
+                    layer.in_features,
+                    layer.out_features,
+                    parameterization="log_alpha",
+                    init_log_alpha=float(layer.log_alpha.mean()),
+                )
                 fresh.weight.data.copy_(layer.weight.data)
                 fresh.bias.data.copy_(layer.bias.data)
                 model[i] = fresh
@@ -43,12 +47,21 @@ def run(parameterization: str, epochs: int, data, seed: int) -> list[dict]:
     for epoch in range(epochs):
         for group in optimizer.param_groups:
             group["lr"] = 1e-3 * lr_factor(epoch, epochs, decay)
-        stats = train_epoch(model, optimizer, data.train_x, data.train_y, batch_size=100,
-                            kl_weight=kl_weight(epoch, *warmup), generator=generator)  # fmt: skip
+        beta = kl_weight(epoch, *warmup)
+        stats = train_epoch(
+            model,
+            optimizer,
+            data.train_x,
+            data.train_y,
+            batch_size=100,
+            kl_weight=beta,
+            generator=generator,
+        )
         test = evaluate(model, data.test_x, data.test_y)
         report = compression_report(model)
-        history.append({"epoch": epoch + 1, "test_error": test["error"], "kl": stats["kl"],
-                        "compression_ratio": report.ratio, "sparsity": report.sparsity_per_layer()})  # fmt: skip
+        row = {"epoch": epoch + 1, "test_error": test["error"], "kl": stats["kl"]}
+        row.update(compression_ratio=report.ratio, sparsity=report.sparsity_per_layer())
+        history.append(row)
         print(parameterization, history[-1], flush=True)
     return history
 
