@@ -70,8 +70,15 @@ def _run_cell(
         **row.method_options,
     )
     start = time.perf_counter()
-    summary = train(config, resume=(run_dir / "checkpoint.pt").exists(), progress=progress)
-    model, _, _ = load_run(run_dir, data_dir)
+    if row.evaluate_run_of is None:
+        summary = train(config, resume=(run_dir / "checkpoint.pt").exists(), progress=progress)
+        model, _, _ = load_run(run_dir, data_dir)
+    else:
+        parent = next(
+            r for r in table.rows if r.label == row.evaluate_run_of and r.model == row.model
+        )
+        run_dir = base / "runs" / f"{parent.key}-seed{seed}"
+        summary, model = _reevaluate(run_dir, data_dir, row.method_options.get("threshold", 3.0))
     neurons = neurons_per_layer(shrink(model))
     return {
         "table": table.number,
@@ -93,6 +100,25 @@ def _run_cell(
         "command": " ".join(sys.argv),
         "run_dir": str(run_dir),
     }
+
+
+def _reevaluate(
+    run_dir: Path, data_dir: str | None, threshold: float
+) -> tuple[dict[str, Any], Any]:
+    """Test error and compression of a finished run at another pruning threshold."""
+    from ..compress import compression_report
+    from ..nn.gaussian import GaussianWeight
+    from ..train.loop import evaluate
+    from ..train.trainer import load_run
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    model, data, _ = load_run(run_dir, data_dir)
+    for m in model.modules():
+        if isinstance(m, GaussianWeight):
+            m.threshold = threshold
+    test = evaluate(model, data.test_x, data.test_y)
+    summary.update(test_error=test["error"], compression=compression_report(model).to_dict())
+    return summary, model
 
 
 def reproduce(
