@@ -47,3 +47,15 @@ def test_bad_cli_values_give_a_one_line_usage_error(argv, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_resume_reads_the_runs_own_config(tmp_path, shared_data, capsys):
+    out = str(tmp_path / "run")
+    first = ["train", "--method", "sparse_vd", "--data-dir", str(shared_data), "--epochs", "1"]
+    assert main([*first, "--train-subset", "300", "--out", out, "--json"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", out, "--resume", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["method"] == "sparse_vd" and summary["config"]["train_subset"] == 300
+    assert main(["train", "--out", out, "--resume", "--epochs", "5"]) == 1
+    assert "config differs in ['epochs']" in capsys.readouterr().err

@@ -50,13 +50,14 @@ def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from .train import TrainConfig, load_config, train
 
+    given = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS and v is not None}
+    saved = Path(args.out) / "config.toml" if args.out else None
     if args.config:
-        config = load_config(args.config)
-        overrides = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS and v is not None}
-        config = dataclasses.replace(config, **overrides)
+        config = dataclasses.replace(load_config(args.config), **given)
+    elif args.resume and saved is not None and saved.is_file():
+        config = dataclasses.replace(load_config(saved), **given)  # the run's own config
     else:
-        fields = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS and v is not None}
-        config = TrainConfig(**fields)
+        config = TrainConfig(**given)
     network = {k: getattr(args, k) for k in ("width", "scale") if getattr(args, k) is not None}
     config.network.update(network)
     if config.out == TrainConfig.out:
@@ -182,7 +183,9 @@ def _add_train_parser(sub: Any) -> None:
     train.add_argument("--init", help="initialize from a checkpoint (e.g. a pretrained plain net)")
     train.add_argument("--width", type=_positive_int, help="hidden width of mlp_srivastava")
     train.add_argument("--scale", type=_positive_float, help="width scale of kingma_cifar")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in --out (with its saved config)"
+    )
     train.add_argument("--json", action="store_true", help="print one JSON object as last line")
     train.set_defaults(run_command=_cmd_train)
 
