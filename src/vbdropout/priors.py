@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "LOG_ALPHA_RANGE",
     "PRIORS",
     "HierarchicalPrior",
     "KingmaLogUniformPrior",
@@ -35,15 +36,29 @@ __all__ = [
 ]
 
 
+LOG_ALPHA_RANGE: tuple[float, float] = (-8.0, 8.0)
+"""Numerical clip of every log α (the sparse VD reference range)."""
+
+
 class Prior:
     """The KL term of one method, as a function of log α (elementwise).
 
     ``max_log_alpha`` is the largest log α the approximation is valid for
-    (``None``: no cap beyond the layers' numerical clip).
+    (``None``: no cap beyond :data:`LOG_ALPHA_RANGE`).
     """
 
     name: ClassVar[str]
     max_log_alpha: ClassVar[float | None] = None
+
+    @property
+    def upper_log_alpha(self) -> float:
+        """The largest log α allowed: the prior's cap within :data:`LOG_ALPHA_RANGE`."""
+        high = LOG_ALPHA_RANGE[1]
+        return high if self.max_log_alpha is None else min(self.max_log_alpha, high)
+
+    def clip(self, log_alpha: Tensor) -> Tensor:
+        """Clamp raw log α values to [LOG_ALPHA_RANGE[0], :attr:`upper_log_alpha`]."""
+        return log_alpha.clamp(LOG_ALPHA_RANGE[0], self.upper_log_alpha)
 
     def kl(self, log_alpha: Tensor) -> Tensor:
         """KL(q(w) || p(w)) for each weight, same shape as ``log_alpha``."""

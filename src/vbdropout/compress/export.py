@@ -110,14 +110,19 @@ def _safetensors() -> Any:
     return safetensors.torch
 
 
-def load_shrunk(path: str | os.PathLike[str]) -> nn.Sequential:
-    """Rebuild the plain shrunk ``nn.Sequential`` from ``shrunk.safetensors``."""
-    st = _safetensors()
-    tensors = st.load_file(str(path))
+def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+    """The tensors of an exported safetensors file and the architecture in its metadata."""
+    tensors = _safetensors().load_file(str(path))
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         spec = json.loads(f.metadata()["architecture"])
+    return tensors, spec
+
+
+def load_shrunk(path: str | os.PathLike[str]) -> nn.Sequential:
+    """Rebuild the plain shrunk ``nn.Sequential`` from ``shrunk.safetensors``."""
+    tensors, spec = _read(path)
     network = _build(spec)
     network.load_state_dict(tensors)
     return network.eval()
@@ -158,12 +163,7 @@ class SparseConv2d(nn.Module):
 
 def load_sparse(path: str | os.PathLike[str]) -> nn.Sequential:
     """A network running sparse (CSR) inference from ``sparse.safetensors``."""
-    st = _safetensors()
-    tensors = st.load_file(str(path))
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        spec = json.loads(f.metadata()["architecture"])
+    tensors, spec = _read(path)
     dense = _build(spec)
     layers: list[nn.Module] = []
     for i, (s, module) in enumerate(zip(spec, dense, strict=True)):

@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from ..priors import Prior, get_prior
 from .base import StochasticModule, VariationalModule
-from .gaussian import LOG_ALPHA_RANGE
 
 __all__ = [
     "BernoulliDropout",
@@ -179,14 +178,9 @@ class VariationalGaussianDropout(VariationalModule):
             self.log_alpha_param.fill_(math.log(self.p / (1.0 - self.p)))
 
     @property
-    def _log_alpha_max(self) -> float:
-        cap = self.prior.max_log_alpha
-        return LOG_ALPHA_RANGE[1] if cap is None else min(cap, LOG_ALPHA_RANGE[1])
-
-    @property
     def log_alpha(self) -> Tensor:
         """Clipped log α, shape (C,) or (1,); at most 0 (α ≤ 1) with Kingma's prior."""
-        return self.log_alpha_param.clamp(LOG_ALPHA_RANGE[0], self._log_alpha_max)
+        return self.prior.clip(self.log_alpha_param)
 
     @property
     def alpha(self) -> Tensor:

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..priors import Prior, get_prior
+from ..priors import LOG_ALPHA_RANGE, Prior, get_prior
 from .base import VariationalModule
 
 __all__ = [
@@ -47,7 +47,6 @@ __all__ = [
     "LinearVBD",
 ]
 
-LOG_ALPHA_RANGE: tuple[float, float] = (-8.0, 8.0)
 _THETA_EPS = 1e-8
 _VAR_EPS = 1e-8
 AlphaPer = Literal["weight", "unit", "layer"]
@@ -150,18 +149,13 @@ class GaussianWeight(VariationalModule):
                 self.log_alpha_param.fill_(self.init_log_alpha)
 
     @property
-    def _log_alpha_max(self) -> float:
-        cap = self.prior.max_log_alpha
-        return LOG_ALPHA_RANGE[1] if cap is None else min(cap, LOG_ALPHA_RANGE[1])
-
-    @property
     def log_alpha(self) -> Tensor:
         """Clipped log α, shaped like ``weight`` (per-weight) or broadcastable to it (tied)."""
         if self.additive:
             raw = self.log_sigma2 - torch.log(self.weight * self.weight + _THETA_EPS)
         else:
             raw = self.log_alpha_param
-        return raw.clamp(LOG_ALPHA_RANGE[0], self._log_alpha_max)
+        return self.prior.clip(raw)
 
     def sigma2(self) -> Tensor:
         """Posterior variance σ² of every weight."""
@@ -170,7 +164,7 @@ class GaussianWeight(VariationalModule):
             return self.log_alpha.exp() * theta2
         sigma2 = self.log_sigma2.exp()
         if self.prior.max_log_alpha is not None:
-            sigma2 = torch.minimum(sigma2, theta2 * math.exp(self._log_alpha_max))
+            sigma2 = torch.minimum(sigma2, theta2 * math.exp(self.prior.upper_log_alpha))
         return sigma2
 
     def keep_mask(self, threshold: float | str | None = "own") -> Tensor:
