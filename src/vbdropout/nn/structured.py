@@ -29,7 +29,7 @@ from torch.special import log_ndtr, ndtr, ndtri
 from ..priors import Prior, get_prior
 from .base import VariationalModule
 from .deterministic import Scale
-from .gaussian import LOG_ALPHA_RANGE, _validate_threshold
+from .gaussian import _validate_threshold
 
 __all__ = ["StructuredBayesianPruning", "StructuredVBD", "UnitNoise"]
 
@@ -104,7 +104,7 @@ class StructuredVBD(UnitNoise):
     def log_alpha(self) -> Tensor:
         """log α = log σ² − log θ², clipped to [−8, 8]."""
         raw = self.log_sigma2 - torch.log(self.theta * self.theta + 1e-8)
-        return raw.clamp(*LOG_ALPHA_RANGE)
+        return self.prior.clip(raw)
 
     def keep_mask(self) -> Tensor:
         if self.threshold is None:
