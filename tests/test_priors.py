@@ -106,3 +106,27 @@ def test_get_prior_by_name_and_unknown_name():
     assert get_prior(prior) is prior
     with pytest.raises(ValueError, match="unknown prior 'gauss'.*hierarchical"):
         get_prior("gauss")
+
+
+def test_exact_additive_hierarchical_kl_matches_the_log_alpha_route():
+    gen = torch.Generator().manual_seed(3)
+    theta = torch.randn(50, 40, generator=gen, dtype=torch.float64)
+    theta[0, :5] = 0.0  # θ = 0: α = ∞, KL 0
+    log_sigma2 = torch.empty(50, 40, dtype=torch.float64).uniform_(-14, 2, generator=gen)
+    prior = HierarchicalPrior()
+    exact = prior.kl_sum_additive(theta, log_sigma2)
+    via_log_alpha = prior.kl(log_sigma2 - torch.log(theta**2)).nan_to_num(0.0).sum()
+    assert exact.item() == pytest.approx(via_log_alpha.item(), rel=1e-10)
+    # inside the clip range the generic (clipped) route agrees with it as well
+    raw = log_sigma2 - torch.log(theta**2)
+    inside = (raw > -8) & (raw < 8)
+    generic = LogUniformPrior.kl_sum_additive(prior, theta[inside], log_sigma2[inside])
+    assert generic.item() == pytest.approx(
+        prior.kl_sum_additive(theta[inside], log_sigma2[inside]).item(), rel=1e-6
+    )
+    # gradients agree with the autograd of the closed form
+    t = theta.clone().requires_grad_(True)
+    s = log_sigma2.clone().requires_grad_(True)
+    prior.kl_sum_additive(t, s).backward()
+    expected_ds = -0.5 * theta**2 / (theta**2 + log_sigma2.exp())
+    assert torch.allclose(s.grad, expected_ds, atol=1e-12)

@@ -64,6 +64,15 @@ class Prior:
         """KL(q(w) || p(w)) for each weight, same shape as ``log_alpha``."""
         raise NotImplementedError
 
+    def kl_sum_additive(self, theta: Tensor, log_sigma2: Tensor) -> Tensor:
+        """Σ KL over weights given θ and log σ² (the additive parameterization).
+
+        By default ``kl`` of the clipped log α = log σ² − log(θ² + 1e−8); a prior
+        may override it with an exact, cheaper form.
+        """
+        log_alpha = log_sigma2 - torch.log(theta * theta + 1e-8)
+        return self.kl(self.clip(log_alpha)).sum()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -84,6 +93,15 @@ class HierarchicalPrior(Prior):
 
     def kl(self, log_alpha: Tensor) -> Tensor:
         return 0.5 * F.softplus(-log_alpha)
+
+    def kl_sum_additive(self, theta: Tensor, log_sigma2: Tensor) -> Tensor:
+        """Σ ½·log(1 + θ²/σ²) = Σ ½·(log(θ² + σ²) − log σ²), exact (no clip of log α).
+
+        Five elementwise passes instead of the ten of the log-α route; the tiny
+        constant keeps the log finite when θ = 0 and σ² underflows.
+        """
+        total = torch.addcmul(log_sigma2.exp(), theta, theta).clamp_min(1e-30)
+        return 0.5 * (total.log().sum() - log_sigma2.sum())
 
 
 class LogUniformPrior(Prior):

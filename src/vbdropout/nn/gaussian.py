@@ -24,7 +24,9 @@ same way as training, from the posterior of the kept weights.
 
 log α is clipped to :data:`LOG_ALPHA_RANGE` = [−8, 8] (the sparse VD
 reference range), further capped by the prior (α ≤ 1 for Kingma's), and is
-computed as log σ² − log(θ² + 1e−8), finite as θ → 0.
+computed as log σ² − log(θ² + 1e−8), finite as θ → 0. The KL uses the clipped
+log α, except VBD's with the additive parameterization, which is evaluated
+exactly as ½·log(1 + θ²/σ²) (see :meth:`~vbdropout.priors.Prior.kl_sum_additive`).
 """
 
 from __future__ import annotations
@@ -217,6 +219,8 @@ class GaussianWeight(VariationalModule):
 
     def kl(self) -> Tensor:
         """KL(q(W) || p(W)) summed over the layer's weights (biases are deterministic)."""
+        if self.additive:
+            return self.prior.kl_sum_additive(self.weight, self.log_sigma2)
         kl = self.prior.kl(self.log_alpha)
         return kl.sum() * (self.weight.numel() // kl.numel())
 
@@ -229,17 +233,31 @@ class GaussianWeight(VariationalModule):
     def forward(self, x: Tensor) -> Tensor:
         if self.check_inputs:
             self._check_input(x)
-            if not torch.isfinite(x).all():
-                raise ValueError(f"{type(self).__name__} got an input containing NaN or inf")
         if not self.sampling():
-            return self._apply_weight(x, self._eval_weight(), self.bias)
-        theta, sigma2 = self.weight, self.sigma2()
-        if self.mc or self.train_clip:
-            mask = self.keep_mask()
-            theta, sigma2 = theta * mask, sigma2 * mask
-        mean = self._apply_weight(x, theta, self.bias)
-        var = self._apply_weight(x * x, sigma2, None)
-        return mean + torch.sqrt(var + _VAR_EPS) * torch.randn_like(mean)
+            out = self._apply_weight(x, self._eval_weight(), self.bias)
+        else:
+            theta, sigma2 = self.weight, self.sigma2()
+            if self.mc or self.train_clip:
+                mask = self.keep_mask()
+                theta, sigma2 = theta * mask, sigma2 * mask
+            mean = self._apply_weight(x, theta, self.bias)
+            var = self._apply_weight(x * x, sigma2, None)
+            out = mean + torch.sqrt(var + _VAR_EPS) * torch.randn_like(mean)
+        if self.check_inputs:
+            self._check_finite(x, out)
+        return out
+
+    def _check_finite(self, x: Tensor, out: Tensor) -> None:
+        """Raise on NaN/inf. A NaN or inf input always reaches every output (NaN·0 is NaN),
+        so one sum over the output suffices; the input is scanned only when it fails."""
+        if torch.isfinite(out.detach().sum()):
+            return
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{type(self).__name__} got an input containing NaN or inf")
+        raise FloatingPointError(
+            f"{type(self).__name__} produced a non-finite output from a finite input: "
+            "its parameters are non-finite or have diverged"
+        )
 
     def extra_repr(self) -> str:
         return (
