@@ -1,9 +1,18 @@
 """Atomic files: a crash never leaves a half-written checkpoint or result.
 
-Everything is written to a temporary file in the same directory, flushed to
-disk, then renamed over the target (``os.replace`` is atomic on POSIX), so a
-reader sees either the old file or the new one. Checkpoints are read with
+Everything is written to a temporary file ``.<name>.<random>.tmp`` in the same
+directory, flushed to disk, then renamed over the target (``os.replace`` is
+atomic on POSIX) and the directory entry is synced, so a reader sees either the
+old file or the new one. Readers only ever open the final names; temp files
+left by a killed writer are ignored and removed by the next run that holds the
+run lock (:func:`remove_stale_temp_files`). Checkpoints are read with
 ``torch.load(weights_only=True)``: a crafted file cannot run code.
+
+Fault-injection hook (tests only, inert unless the variable is set): with
+``VBD_FAULT_KILL_IN_WRITE=NAME:N`` in the environment, the N-th atomic write of
+a file called NAME in this process writes half of its bytes to the temp file,
+syncs them and then SIGKILLs its own process — a crash in the middle of the
+write, at a deterministic point. ``tests/test_reliability.py`` uses it.
 """
 
 from __future__ import annotations
@@ -11,23 +20,68 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 __all__ = [
+    "FAULT_ENV",
     "CheckpointError",
     "atomic_write_bytes",
     "atomic_write_json",
     "load_checkpoint",
+    "remove_stale_temp_files",
     "save_checkpoint",
 ]
+
+FAULT_ENV = "VBD_FAULT_KILL_IN_WRITE"
+_fault_counts: dict[str, int] = {}
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or not one of ours."""
+
+
+def _fault_armed(name: str) -> bool:
+    """Whether the test hook asks to crash in this write of ``name`` (see module docstring)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return False
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return False
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    return _fault_counts[name] == int(nth or 1)
+
+
+def _write_synced(f: IO[bytes], name: str, data: bytes) -> None:
+    """Write ``data`` and fsync it (or, when the test hook is armed, half of it and die)."""
+    if _fault_armed(name):
+        f.write(data[: len(data) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _sync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every platform can open dirs)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -36,17 +90,30 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            _write_synced(f, path.name, data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_dir(path.parent)
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def remove_stale_temp_files(folder: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
+    """Delete the temp files that a killed :func:`atomic_write_bytes` left for ``names``.
+
+    Only call this while no other process writes into ``folder`` (i.e. under the
+    run lock). Returns the removed paths.
+    """
+    removed = []
+    for name in names:
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
@@ -55,8 +122,37 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
+def _load_problem(err: Exception) -> str:
+    """A one-line reason from torch.load's error (its weights-only text suggests unsafe loading)."""
+    text = str(err).strip()
+    if isinstance(err, EOFError):
+        return "the file is empty or truncated"
+    if not text.startswith("Weights only load failed"):
+        return text.splitlines()[0] if text else type(err).__name__
+    detail = "unsupported content"
+    for line in (line.strip() for line in text.splitlines()[1:]):
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+        elif line.startswith(("(", "Check the documentation")):
+            continue  # torch's advice on how to load it anyway
+        if line:
+            detail = line.split(". ", 1)[0].rstrip(".")
+            break
+    return (
+        f"it holds something other than tensors and plain data ({detail}); it was not "
+        f"unpickled, as that could run arbitrary code"
+    )
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], required: Iterable[str] = ("model",)
+) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain data only).
+
+    ``path`` is a checkpoint file or a run directory. Raises :class:`CheckpointError`
+    if it is missing, unreadable, would need arbitrary code to unpickle, or lacks
+    one of the ``required`` entries.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
@@ -65,8 +161,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot load checkpoint {path}: {first}") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path} is not a vbdropout checkpoint (no 'model' entry)")
+        raise CheckpointError(f"cannot load checkpoint {path}: {_load_problem(err)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a vbdropout checkpoint (not a dict)")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a vbdropout checkpoint (no {missing} entries)")
     return state

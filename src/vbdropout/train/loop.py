@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -12,14 +12,83 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import iterate_batches
-from ..losses import elbo_terms
+from ..losses import ElboTerms, elbo_terms
 from ..nn.base import mc_sampling
 
 __all__ = ["DivergenceError", "evaluate", "train_epoch"]
 
 
-class DivergenceError(FloatingPointError):
-    """The loss or KL became NaN or infinite."""
+class DivergenceError(FloatingPointError, RuntimeError):
+    """The loss, the KL, a gradient or a parameter became NaN or infinite.
+
+    Also a :class:`RuntimeError`, so that the command line reports it as a one-line error.
+    """
+
+
+def _first_nonfinite(named: Iterable[tuple[str, Tensor | None]]) -> str | None:
+    """The name of the first tensor that holds a NaN or inf (``None`` tensors are skipped).
+
+    Fast path: a NaN or inf makes a tensor's sum non-finite, so one sum per tensor and
+    one device sync decide; only if that total is not finite (which an overflowing
+    sum of huge finite values can also cause) are the tensors scanned elementwise.
+    """
+    items = [(name, t.detach()) for name, t in named if t is not None]
+    sums = [t.sum().abs().float() for _, t in items]  # abs, float: any dtype stacks
+    if not items or bool(torch.isfinite(torch.stack(sums).sum())):
+        return None
+    return next((name for name, t in items if not bool(torch.isfinite(t).all())), None)
+
+
+def _checked_forward(model: nn.Module, x: Tensor, where: str) -> Tensor:
+    """``model(x)``, with a layer's refusal of NaN/inf activations reported as divergence.
+
+    Finite inputs and finite parameters can still overflow the activations (e.g.
+    after a too large learning rate). The Gaussian layers then raise a
+    ``FloatingPointError`` (non-finite output from a finite input), or a
+    ``ValueError`` mentioning "NaN or inf" when an earlier layer produced them;
+    for finite ``x`` both are divergence. A non-finite ``x`` stays a ``ValueError``.
+    """
+    try:
+        return model(x)
+    except (FloatingPointError, ValueError) as err:
+        if isinstance(err, ValueError) and "NaN or inf" not in str(err):
+            raise
+        if not bool(torch.isfinite(x).all()):
+            raise
+        raise DivergenceError(
+            f"{where}: the forward pass overflowed to NaN/inf ({err}; the update was not applied)"
+        ) from err
+
+
+def _checked_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, terms: ElboTerms, where: str
+) -> tuple[float, float]:
+    """Backward and optimizer step, refusing any update that is or makes the model non-finite.
+
+    The loss and KL are checked before the backward pass and every gradient before
+    the step, so a NaN/inf never reaches the parameters through an update; the
+    parameters are checked after it (a finite update can still overflow them).
+    Returns the loss and KL as floats.
+    """
+    loss, kl = terms.loss.item(), terms.kl.item()
+    if not (math.isfinite(loss) and math.isfinite(kl)):
+        raise DivergenceError(f"{where}: loss={loss} kl={kl} (the update was not applied)")
+    optimizer.zero_grad(set_to_none=True)
+    terms.loss.backward()
+    params = list(model.named_parameters())
+    bad = _first_nonfinite((name, p.grad) for name, p in params)
+    if bad is not None:
+        raise DivergenceError(
+            f"{where}: the gradient of {bad} is NaN/inf at loss={loss} kl={kl} "
+            f"(the update was not applied)"
+        )
+    optimizer.step()
+    bad = _first_nonfinite(params)
+    if bad is not None:
+        raise DivergenceError(
+            f"{where}: parameter {bad} became NaN/inf in the update (learning rate too large?)"
+        )
+    return loss, kl
 
 
 def train_epoch(
@@ -36,24 +105,23 @@ def train_epoch(
     """One pass over (x, y) in shuffled minibatches minimizing the per-example negative ELBO.
 
     Returns the epoch means of ``loss``, ``nll`` (cross-entropy), ``kl`` and the
-    training ``error`` (of the noisy forward passes).
+    training ``error`` (of the noisy forward passes). Raises :class:`DivergenceError`
+    (naming the step and the quantity) instead of applying an update when the loss,
+    the KL or a gradient is NaN/inf, or when an update makes a parameter NaN/inf.
     """
     model.train()
     start = time.perf_counter()
     n = x.shape[0]
+    steps = -(-n // batch_size)
     sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "wrong": 0.0}
     seen = 0
     for step, (xb, yb) in enumerate(
         iterate_batches(x, y, batch_size, shuffle=True, generator=generator)
     ):
-        logits = model(xb)
+        where = f"step {step + 1}/{steps}"
+        logits = _checked_forward(model, xb, where)
         terms = elbo_terms(logits, yb, model, n, kl_weight, reduction="mean")
-        optimizer.zero_grad(set_to_none=True)
-        terms.loss.backward()
-        optimizer.step()
-        loss, kl = terms.loss.item(), terms.kl.item()
-        if not (math.isfinite(loss) and math.isfinite(kl)):
-            raise DivergenceError(f"loss={loss} kl={kl} at step {step}")
+        loss, kl = _checked_step(model, optimizer, terms, where)
         b = yb.shape[0]
         seen += b
         sums["loss"] += loss * b

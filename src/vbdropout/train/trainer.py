@@ -6,17 +6,24 @@ rewritten atomically after every epoch), ``metrics.jsonl`` and ``metrics.csv``
 (one row per epoch) and, at the end, ``summary.json``. A killed run continues
 with ``resume=True`` from its last finished epoch and ends with the same
 numbers as an uninterrupted run on CPU: every random state is restored.
+
+Only one process trains into a directory at a time (``.lock``, see
+:func:`run_lock`); the holder removes temp files left by a killed writer. A
+diverging run (NaN/inf loss, KL, gradient or parameter) stops before anything
+of the failing epoch is saved. See docs/RELIABILITY.md for the measured faults.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import inspect
 import io
 import json
 import os
 import platform
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,11 +32,23 @@ from typing import Any
 import torch
 from torch import nn
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
 from .. import __version__
 from ..compress import compression_report
 from ..data import Dataset, load_dataset
-from ..models import build_model
-from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
+from ..models import METHODS, build_model
+from .checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_checkpoint,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
 from .config import ConfigError, TrainConfig, resolve_config, to_toml
 from .loop import DivergenceError, evaluate, train_epoch
 from .progress import ProgressBar
@@ -39,6 +58,11 @@ __all__ = ["RunLockedError", "build_run_model", "evaluate_run", "load_run", "tra
 
 # Config fields that may differ when a run is resumed (they do not change its results).
 _RESUMABLE = {"out", "device", "data_dir"}
+# The files of a run directory, all written with atomic_write_bytes.
+RUN_FILES = ("checkpoint.pt", "config.toml", "metrics.jsonl", "metrics.csv", "summary.json")
+# What a checkpoint must hold to be resumed from, or to be evaluated.
+_RESUME_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "elapsed", "history", "config")
+_RUN_KEYS = ("model", "config")
 
 
 class RunLockedError(RuntimeError):
@@ -54,45 +78,89 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_run_model(config: TrainConfig, data: Dataset) -> nn.Module:
-    """The network of a (resolved) config, for training or for loading a checkpoint."""
+    """The network of a (resolved) config, for training or for loading a checkpoint.
+
+    The method gets those of ``threshold``, ``train_clip`` and ``dataset_size``
+    (the training set's size) that it accepts.
+    """
+    offered = {
+        "threshold": config.threshold,
+        "train_clip": config.train_clip,
+        "dataset_size": data.train_x.shape[0],
+    }
+    accepted = inspect.signature(METHODS[config.method]).parameters
     return build_model(
         config.model,
         config.method,
         input_shape=data.input_shape,
         num_classes=data.num_classes,
-        method_options={"threshold": config.threshold, "train_clip": config.train_clip}
-        if config.method != "none"
-        else None,
+        method_options={k: v for k, v in offered.items() if k in accepted},
         **config.network,
     )
 
 
 @contextmanager
 def run_lock(out: Path) -> Iterator[None]:
-    """Hold ``out/.lock`` for the run; a lock left by a dead process is taken over."""
+    """Hold ``out/.lock`` for the run: refuse if another live process holds it.
+
+    The lock is an exclusive ``flock`` on ``out/.lock`` (released by the kernel
+    even when the holder is SIGKILLed), and the file names the holder's pid. A
+    file naming a live pid whose holder has no flock (a writer without flock
+    support) also refuses; a file left by a dead process is taken over.
+    """
     lock = out / ".lock"
-    for _ in range(2):
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _alive(pid):
+            held = _try_flock(fd)
+            if held and not _same_file(fd, lock):
+                os.close(fd)  # its previous holder unlinked it after we opened it: retry
+                continue
+            pid = _read_pid(fd)
+            if not held or (pid and _alive(pid)):
                 raise RunLockedError(
-                    f"{out} is in use by another training process (pid {pid}); "
-                    f"wait for it or choose another --out"
-                ) from None
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+                    f"{out} is in use by another training process (pid {pid or 'unknown'}); "
+                    f"wait for it or choose another --out (if no such process is running, "
+                    f"delete {lock})"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
         break
     try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
         yield
     finally:
         lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _try_flock(fd: int) -> bool:
+    """Take an exclusive non-blocking flock on ``fd``; False if someone else holds one."""
+    if fcntl is None:  # pragma: no cover - platforms without flock: pid check only
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _read_pid(fd: int) -> int:
+    """The pid written in the lock file (0 when empty or unreadable)."""
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return 0
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _alive(pid: int) -> bool:
@@ -108,9 +176,8 @@ def _alive(pid: int) -> bool:
 def _prepare_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=out, prefix=".write-test-"):
+            pass  # a unique name: concurrent runs must not trip over each other's probe
     except OSError as err:
         raise ConfigError(
             f"cannot write to output directory {out}: {err.strerror or err}"
@@ -149,7 +216,27 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     out = Path(config.out)
     _prepare_out(out)
     with run_lock(out):
+        remove_stale_temp_files(out, RUN_FILES)  # left by a writer that was killed
         return _train_locked(config, device, out, resume, progress)
+
+
+def _saved_config(state: dict[str, Any], path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The config dict stored in a checkpoint (a :class:`CheckpointError` if it is not one)."""
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(f"{path} is not a vbdropout checkpoint (its config is not a dict)")
+    return state["config"]
+
+
+def _check_resumable(state: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint whose config differs from ``config`` in a result field."""
+    saved = {k: v for k, v in _saved_config(state, path).items() if k not in _RESUMABLE}
+    current = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}
+    current["kl_warmup"] = list(current["kl_warmup"])
+    if isinstance(saved.get("kl_warmup"), (list, tuple)):
+        saved["kl_warmup"] = list(saved["kl_warmup"])
+    if saved != current:
+        diff = sorted(k for k in current.keys() | saved.keys() if current.get(k) != saved.get(k))
+        raise ConfigError(f"cannot resume {path.parent}: the config differs in {diff}")
 
 
 def _train_locked(
@@ -162,14 +249,8 @@ def _train_locked(
             raise ConfigError(
                 f"{out} already holds a run; pass --resume to continue it or choose another --out"
             )
-        state = load_checkpoint(checkpoint_path)
-        saved = {k: v for k, v in state["config"].items() if k not in _RESUMABLE}
-        current = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}
-        current["kl_warmup"] = list(current["kl_warmup"])
-        saved["kl_warmup"] = list(saved["kl_warmup"])
-        if saved != current:
-            diff = sorted(k for k in current if current[k] != saved.get(k))
-            raise ConfigError(f"cannot resume {out}: the config differs in {diff}")
+        state = load_checkpoint(checkpoint_path, required=_RESUME_KEYS)
+        _check_resumable(state, config, checkpoint_path)
 
     torch.manual_seed(config.seed)
     data = load_dataset(config.dataset, config.data_dir, train_subset=config.train_subset)
@@ -192,6 +273,7 @@ def _train_locked(
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
+        _write_metrics(out, history)  # a kill may have landed between checkpoint and metrics
     else:
         atomic_write_bytes(out / "config.toml", to_toml(config).encode())
 
@@ -229,9 +311,13 @@ def _train_locked(
             )
         except DivergenceError as err:
             bar.close()
+            kept = (
+                f"the last good checkpoint (epoch {epoch}) in {out} is kept unchanged"
+                if epoch
+                else f"no checkpoint was written to {out}"
+            )
             raise DivergenceError(
-                f"training diverged in epoch {epoch + 1} ({err}); the last good checkpoint "
-                f"({'epoch ' + str(epoch) if epoch else 'none'}) is kept in {out}"
+                f"training diverged in epoch {epoch + 1}, {err}; {kept}"
             ) from None
         scheduler.step()
         test = evaluate(model, test_x, test_y)
@@ -298,9 +384,9 @@ def load_run(
     path: str | os.PathLike[str], data_dir: str | None = None
 ) -> tuple[nn.Module, Dataset, TrainConfig]:
     """The trained model of a run directory or checkpoint, with its dataset and config."""
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, required=_RUN_KEYS)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in state["config"].items() if k in fields})
+    config = TrainConfig(**{k: v for k, v in _saved_config(state, path).items() if k in fields})
     if data_dir is not None:
         config.data_dir = data_dir
     data = load_dataset(config.dataset, config.data_dir, train_subset=config.train_subset)
