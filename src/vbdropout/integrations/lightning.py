@@ -1,0 +1,205 @@
+"""PyTorch Lightning integration: the ELBO with KL warm-up, and compression logging.
+
+Requires Lightning (``pip install "vbdropout[lightning]"``); ``lightning.pytorch``
+is used when installed, else the standalone ``pytorch_lightning``.
+
+>>> class Classifier(VariationalLightningMixin, L.LightningModule):
+...     def __init__(self):
+...         super().__init__()
+...         self.net = vbdropout.convert(make_net(), method="vbd")
+...
+...     def training_step(self, batch, batch_idx):
+...         x, y = batch
+...         return self.elbo_loss(self.net(x), y)  # logs train/nll, train/kl, train/kl_weight
+...
+>>> trainer = L.Trainer(max_epochs=200, callbacks=[KLWarmup(start=5, end=20)])
+
+:class:`VariationalLightningMixin` gives a LightningModule ``self.elbo_loss(logits, y)``,
+the negative ELBO divided by the training-set size N (``elbo_terms(..., reduction="mean")``)
+with the KL weighted by ``self.kl_weight``. :class:`KLWarmup` sets ``kl_weight`` at the start of
+every training epoch from :func:`vbdropout.train.schedules.kl_weight` and logs the
+model's weight sparsity and compression ratio at the end of every training epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from ..compress.report import compression_report
+from ..losses import elbo_terms
+from ..train.schedules import kl_weight as _scheduled_kl_weight
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # pragma: no cover - depends on the environment
+    try:
+        import pytorch_lightning as pl
+    except ImportError as err:
+        raise ImportError(
+            "vbdropout.integrations.lightning needs PyTorch Lightning: "
+            'pip install "vbdropout[lightning]"'
+        ) from err
+
+__all__ = ["KLWarmup", "VariationalLightningMixin"]
+
+_STAGE_PREFIX = {
+    "train": "train",
+    "sanity_check": "val",
+    "validate": "val",
+    "test": "test",
+    "predict": "predict",
+}
+
+
+class VariationalLightningMixin:
+    """Mixin for a :class:`LightningModule` trained on the negative ELBO.
+
+    Put it before ``LightningModule`` in the bases:
+    ``class Model(VariationalLightningMixin, L.LightningModule)``. The KL sums over
+    every :class:`~vbdropout.nn.VariationalModule` of the LightningModule.
+
+    Attributes:
+        kl_weight: β of the KL term; 1 (the true ELBO) unless set, e.g. by :class:`KLWarmup`.
+        dataset_size: N, the number of training examples. ``None`` (the default) takes
+            ``len(trainer.train_dataloader.dataset)`` — set it when the training loader
+            is not a single map-style ``DataLoader``, subsamples the data set, or when
+            the loss is needed outside ``trainer.fit`` or in a validation sanity check
+            with the loaders coming from a LightningDataModule or the module's hooks.
+    """
+
+    kl_weight: float = 1.0
+    dataset_size: int | None = None
+
+    def elbo_loss(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        *,
+        log: bool = True,
+        prefix: str | None = None,
+        **log_kwargs: Any,
+    ) -> Tensor:
+        """Negative ELBO / N of a minibatch: mean cross-entropy + β·KL / N.
+
+        logits: (B, C) outputs on the minibatch; targets: (B,) class indices.
+        log: log ``{prefix}/nll`` (mean cross-entropy), ``{prefix}/kl`` (total KL in
+            nats) and ``{prefix}/kl_weight`` with ``self.log_dict`` when attached to a
+            Trainer. prefix: ``None`` takes ``train``, ``val`` or ``test`` from the
+            Trainer's stage. log_kwargs: passed on to ``self.log_dict`` (``on_epoch``,
+            ``sync_dist``, …; ``batch_size`` defaults to B).
+        """
+        terms = elbo_terms(
+            logits,
+            targets,
+            self,  # type: ignore[arg-type]
+            self._elbo_dataset_size(),
+            float(self.kl_weight),
+            reduction="mean",
+        )
+        trainer = getattr(self, "_trainer", None)
+        if log and trainer is not None:
+            if prefix is None:
+                stage = trainer.state.stage
+                prefix = _STAGE_PREFIX.get(getattr(stage, "value", stage), "train")
+            log_kwargs.setdefault("batch_size", targets.shape[0])
+            self.log_dict(  # type: ignore[attr-defined]
+                {
+                    f"{prefix}/nll": terms.nll.detach(),
+                    f"{prefix}/kl": terms.kl.detach(),
+                    f"{prefix}/kl_weight": float(self.kl_weight),
+                },
+                **log_kwargs,
+            )
+        return terms.loss
+
+    def _elbo_dataset_size(self) -> int:
+        if self.dataset_size is not None:
+            return self.dataset_size
+        trainer = getattr(self, "_trainer", None)
+        loader = None if trainer is None else trainer.train_dataloader
+        if loader is None and trainer is not None:
+            # the sanity check runs before fit sets up the train loader: take the loader
+            # given to trainer.fit, if any (best effort on a private attribute)
+            source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+            instance = getattr(source, "instance", None)
+            loader = instance if isinstance(instance, DataLoader) else None
+        dataset = getattr(loader, "dataset", None)
+        try:
+            size = len(dataset) if dataset is not None else None  # type: ignore[arg-type]
+        except TypeError:  # an IterableDataset without __len__
+            size = None
+        if size:
+            self._resolved_dataset_size = size
+            return size
+        cached = getattr(self, "_resolved_dataset_size", None)
+        if cached is not None:  # e.g. validating after fit, or during a later validate()
+            return cached
+        raise ValueError(
+            "cannot tell the training-set size N for the ELBO: set `self.dataset_size` "
+            "(it is read from `len(trainer.train_dataloader.dataset)` only for a single "
+            "map-style DataLoader during trainer.fit, and before training starts, e.g. in "
+            "the sanity check, only for a DataLoader passed to trainer.fit)"
+        )
+
+
+class KLWarmup(pl.Callback):
+    """Linear KL warm-up, and compression logging, for a LightningModule.
+
+    At the start of every training epoch e (0-based) sets ``pl_module.kl_weight`` to
+    β = 0 for e < start, (e − start) / (end − start) until ``end``, then 1 — the
+    schedule of :func:`vbdropout.train.schedules.kl_weight` (the sparse VD protocol
+    uses ``start=5, end=20``). At the end of every training epoch logs
+    ``{prefix}sparsity`` (percentage of zero weights) and ``{prefix}compression_ratio``
+    (|W| / |W≠0|, ``inf`` when every weight is pruned) from
+    :func:`~vbdropout.compress.compression_report` of the LightningModule — or of its
+    submodule named ``module`` (e.g. ``"net"``; needed for structured models, whose
+    report folds the network's layers in order) — unless ``log_compression=False``.
+    ``threshold`` is passed on to the report.
+    """
+
+    def __init__(
+        self,
+        start: int,
+        end: int,
+        *,
+        log_compression: bool = True,
+        threshold: float | str | None = "own",
+        module: str | None = None,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        for name, value in (("start", start), ("end", end)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        if not 0 <= start <= end:
+            raise ValueError(f"KL warm-up needs 0 <= start <= end, got start={start}, end={end}")
+        self.start = start
+        self.end = end
+        self.log_compression = log_compression
+        self.threshold = threshold
+        self.module = module
+        self.prefix = prefix
+
+    def kl_weight(self, epoch: int) -> float:
+        """β for the 0-based ``epoch``."""
+        return _scheduled_kl_weight(epoch, self.start, self.end)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        pl_module.kl_weight = self.kl_weight(trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self.log_compression:
+            return
+        model = pl_module if self.module is None else pl_module.get_submodule(self.module)
+        report = compression_report(model, threshold=self.threshold)
+        pl_module.log_dict(
+            {
+                f"{self.prefix}sparsity": report.sparsity,
+                f"{self.prefix}compression_ratio": report.ratio,
+            },
+            on_step=False,
+            on_epoch=True,
+        )
