@@ -192,3 +192,40 @@ def test_unwritable_out_and_missing_checkpoint_are_one_line_errors(tmp_path, cap
     assert err.startswith("vbd train: error: cannot write to output directory") and "\n" not in err
     assert main(["eval", str(tmp_path / "nothing")]) == 1
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_init_from_a_plain_state_dict_into_a_structured_model(tmp_path, shared_data):
+    plain = train(quick(tmp_path / "plain", shared_data, method="none", epochs=2), progress=False)
+    state = load_checkpoint(tmp_path / "plain")["model"]
+    torch.save(state, tmp_path / "plain_state.pt")
+    config = quick(
+        tmp_path / "sbp", shared_data, method="sbp", lr=1e-12, epochs=1, kl_warmup=(5, 20)
+    )
+    config.init = str(tmp_path / "plain_state.pt")
+    started = train(config, progress=False)
+    # SBP's initial multipliers are ≈ 1 − 0.8·e^−5: the plain network's function
+    assert started["test_error"] == pytest.approx(plain["test_error"], abs=0.01)
+    wrong = quick(tmp_path / "wide", shared_data, model="lenet500_300", epochs=1)
+    wrong.init = str(tmp_path / "plain_state.pt")
+    with pytest.raises(ConfigError, match="do not match the model's"):
+        train(wrong, progress=False)
+
+
+def test_run_files_get_the_usual_permissions(tmp_path, shared_data):
+    previous = os.umask(0o022)
+    try:
+        train(quick(tmp_path / "run", shared_data, epochs=1), progress=False)
+    finally:
+        os.umask(previous)
+    for name in ("checkpoint.pt", "summary.json", "metrics.jsonl", "config.toml"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_missing_data_is_a_one_line_cli_error(tmp_path, capsys):
+    assert (
+        main(["train", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
+        == 1
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vbd train: error:") and "train-images-idx3-ubyte.gz" in err
+    assert "\n" not in err

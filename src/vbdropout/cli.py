@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .data import DataError
+
 __all__ = ["main"]
 
 
@@ -259,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.run_command(args)
-    except (ValueError, OSError, ImportError, RuntimeError) as err:
+    except (ValueError, OSError, ImportError, RuntimeError, DataError) as err:
         print(f"vbd {args.command}: error: {err}", file=sys.stderr)
         return 1
     if args.json:

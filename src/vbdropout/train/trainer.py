@@ -41,6 +41,7 @@ from .. import __version__
 from ..compress import compression_report
 from ..data import Dataset, load_dataset
 from ..models import METHODS, build_model
+from ..nn.gaussian import GaussianWeight
 from .checkpoint import (
     CheckpointError,
     atomic_write_bytes,
@@ -203,10 +204,40 @@ def _versions() -> dict[str, str]:
     }
 
 
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@torch.no_grad()
 def _load_init(model: nn.Module, path: str) -> None:
-    """Initialize from a checkpoint or state_dict (e.g. a pretrained deterministic net)."""
-    state = load_checkpoint(path)["model"]
-    model.load_state_dict(state)
+    """Initialize from a run, a checkpoint or a plain state_dict file.
+
+    When the keys match, the state is loaded as is (a plain net's state_dict
+    loads into its VBD twin). Otherwise the weights and biases of the linear
+    and convolutional layers are matched in order, which lets a plain network
+    initialize a structured one (whose layers sit inside noise blocks).
+    """
+    state = load_checkpoint(path, required=())
+    state = state.get("model", state)
+    try:
+        model.load_state_dict(state)
+        return
+    except RuntimeError:
+        pass
+    weights = [(k, v) for k, v in state.items() if k.endswith("weight") and v.dim() >= 2]
+    layers = [m for m in model.modules() if isinstance(m, _WEIGHT_LAYERS)]
+    shapes = [tuple(v.shape) for _, v in weights]
+    wanted = [tuple(m.weight.shape) for m in layers]
+    if shapes != wanted:
+        raise ConfigError(
+            f"--init {path}: its weight layers {shapes} do not match the model's {wanted}"
+        )
+    for layer, (key, weight) in zip(layers, weights, strict=True):
+        layer.weight.copy_(weight)
+        bias = state.get(key[: -len("weight")] + "bias")
+        if layer.bias is not None and bias is not None:
+            layer.bias.copy_(bias)
+        if isinstance(layer, GaussianWeight):
+            layer.reset_variational_parameters()
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
