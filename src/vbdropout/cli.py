@@ -49,7 +49,7 @@ def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+def _cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     from .train import TrainConfig, load_config, train
 
     given = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS and v is not None}
@@ -65,6 +65,8 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     if config.out == TrainConfig.out:
         config.out = f"runs/{config.model}-{config.method}-{config.dataset}-seed{config.seed}"
     summary = train(config, resume=args.resume, progress=not args.json)
+    if not summary:  # a torchrun worker other than rank 0: rank 0 reports
+        return None
     if not args.json:
         compression = summary["compression"]
         print(
@@ -151,6 +153,7 @@ _TRAIN_FIELDS = {
     "threshold",
     "train_clip",
     "init",
+    "nproc",
 }
 
 
@@ -183,6 +186,9 @@ def _add_train_parser(sub: Any) -> None:
     train.add_argument("--threshold", type=float, help="log α pruning threshold (default 3)")
     train.add_argument("--train-clip", action="store_true", default=None)
     train.add_argument("--init", help="initialize from a checkpoint (e.g. a pretrained plain net)")
+    train.add_argument(
+        "--nproc", type=_positive_int, help="data-parallel worker processes (global --batch-size)"
+    )
     train.add_argument("--width", type=_positive_int, help="hidden width of mlp_srivastava")
     train.add_argument("--scale", type=_positive_float, help="width scale of kingma_cifar")
     train.add_argument(
@@ -264,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, ImportError, RuntimeError, DataError) as err:
         print(f"vbd {args.command}: error: {err}", file=sys.stderr)
         return 1
-    if args.json:
+    if args.json and result is not None:
         print(json.dumps(result, sort_keys=True))
     return 0
 

@@ -45,6 +45,7 @@ class TrainConfig:
     threshold: float = 3.0
     train_clip: bool = False
     init: str | None = None
+    nproc: int = 1
     network: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,6 +114,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         f"lr_decay_start must be in [0, epochs), got {decay!r}",
     )
     _check(_is_int(resolved.seed), f"seed must be an integer, got {resolved.seed!r}")
+    _check(
+        _is_int(resolved.nproc) and 1 <= resolved.nproc <= resolved.batch_size,
+        f"nproc must be an integer in [1, batch_size], got {resolved.nproc!r}",
+    )
     _check(
         resolved.train_subset is None
         or (_is_int(resolved.train_subset) and resolved.train_subset > 0),

@@ -101,6 +101,7 @@ def train_epoch(
     kl_weight: float,
     generator: torch.Generator | None = None,
     on_batch: Callable[[int, dict[str, float]], None] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, float]:
     """One pass over (x, y) in shuffled minibatches minimizing the per-example negative ELBO.
 
@@ -108,7 +109,9 @@ def train_epoch(
     training ``error`` (of the noisy forward passes). Raises :class:`DivergenceError`
     (naming the step and the quantity) instead of applying an update when the loss,
     the KL or a gradient is NaN/inf, or when an update makes a parameter NaN/inf.
+    ``shard=(rank, world)``: this worker's share of every (global) batch.
     """
+    rank, world = shard
     model.train()
     start = time.perf_counter()
     n = x.shape[0]
@@ -119,6 +122,8 @@ def train_epoch(
         iterate_batches(x, y, batch_size, shuffle=True, generator=generator)
     ):
         where = f"step {step + 1}/{steps}"
+        if world > 1:
+            xb, yb = xb[rank::world], yb[rank::world]
         logits = _checked_forward(model, xb, where)
         terms = elbo_terms(logits, yb, model, n, kl_weight, reduction="mean")
         loss, kl = _checked_step(model, optimizer, terms, where)

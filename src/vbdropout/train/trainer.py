@@ -42,6 +42,7 @@ from ..compress import compression_report
 from ..data import Dataset, load_dataset
 from ..models import METHODS, build_model
 from ..nn.gaussian import GaussianWeight
+from . import distributed
 from .checkpoint import (
     CheckpointError,
     atomic_write_bytes,
@@ -241,14 +242,36 @@ def _load_init(model: nn.Module, path: str) -> None:
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the summary written to ``summary.json``."""
+    """Run (or resume) a training run; returns the summary written to ``summary.json``.
+
+    With ``config.nproc > 1`` the run is data-parallel over that many local
+    processes (see :mod:`vbdropout.train.distributed`); under torchrun the
+    process group comes from the environment.
+    """
     config = resolve_config(config)
     device = resolve_device(config.device)
+    if config.nproc > 1 and "WORLD_SIZE" not in os.environ and not distributed.current().size > 1:
+        _prepare_out(Path(config.out))
+        distributed.spawn(config.nproc, device, _train_worker, config, resume)
+        return json.loads((Path(config.out) / "summary.json").read_text())
+    world = distributed.init_from_env(device)
+    if world.size > 1:
+        config = dataclasses.replace(config, nproc=world.size)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
     out = Path(config.out)
+    if not world.is_main:
+        distributed.barrier()  # rank 0 holds the lock and has prepared the directory
+        return _train_locked(config, device, out, resume, progress=False)
     _prepare_out(out)
     with run_lock(out):
         remove_stale_temp_files(out, RUN_FILES)  # left by a writer that was killed
+        distributed.barrier()
         return _train_locked(config, device, out, resume, progress)
+
+
+def _train_worker(config: TrainConfig, resume: bool) -> None:
+    train(config, resume=resume, progress=False)
 
 
 def _saved_config(state: dict[str, Any], path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -283,11 +306,16 @@ def _train_locked(
         state = load_checkpoint(checkpoint_path, required=_RESUME_KEYS)
         _check_resumable(state, config, checkpoint_path)
 
+    world = distributed.current()
     torch.manual_seed(config.seed)
     data = load_dataset(config.dataset, config.data_dir, train_subset=config.train_subset)
     model = build_run_model(config, data).to(device)
     if config.init and state is None:
         _load_init(model, config.init)
+    trained = model
+    if world.size > 1:
+        torch.manual_seed(config.seed + world.rank)  # independent noise in every worker
+        trained = nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: lr_factor(e, config.epochs, config.lr_decay_start)
@@ -299,13 +327,15 @@ def _train_locked(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
+        ranks = state["rng"].get("torch_ranks")
+        torch.set_rng_state(ranks[world.rank] if ranks else state["rng"]["torch"])
         generator.set_state(state["rng"]["shuffle"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
-        _write_metrics(out, history)  # a kill may have landed between checkpoint and metrics
-    else:
+        if world.is_main:
+            _write_metrics(out, history)  # a kill may have landed between checkpoint and metrics
+    elif world.is_main:
         atomic_write_bytes(out / "config.toml", to_toml(config).encode())
 
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
@@ -331,7 +361,7 @@ def _train_locked(
 
         try:
             stats = train_epoch(
-                model,
+                trained,
                 optimizer,
                 train_x,
                 train_y,
@@ -339,6 +369,7 @@ def _train_locked(
                 kl_weight=beta,
                 generator=generator,
                 on_batch=on_batch,
+                shard=(world.rank, world.size),
             )
         except DivergenceError as err:
             bar.close()
@@ -351,6 +382,10 @@ def _train_locked(
                 f"training diverged in epoch {epoch + 1}, {err}; {kept}"
             ) from None
         scheduler.step()
+        stats.update(distributed.all_mean({k: stats[k] for k in ("loss", "nll", "train_error")}))
+        rng_ranks = distributed.all_gather_rng_state()
+        if not world.is_main:
+            continue
         test = evaluate(model, test_x, test_y)
         report = compression_report(model)
         elapsed += stats["seconds"]
@@ -370,6 +405,7 @@ def _train_locked(
         )
         rng = {
             "torch": torch.get_rng_state(),
+            "torch_ranks": rng_ranks,
             "shuffle": generator.get_state(),
             "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
         }
@@ -388,6 +424,9 @@ def _train_locked(
         )
         _write_metrics(out, history)
     bar.close(status)
+    if not world.is_main:
+        distributed.barrier()
+        return {}
 
     test = evaluate(model, test_x, test_y)
     report = compression_report(model)
@@ -408,6 +447,7 @@ def _train_locked(
         "run_dir": str(out),
     }
     atomic_write_json(out / "summary.json", summary)
+    distributed.barrier()
     return summary
 
 
