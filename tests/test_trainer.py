@@ -49,7 +49,7 @@ def cli_train(out, shared_data, epochs, *extra):
 
 def test_run_writes_its_files_and_a_complete_summary(tmp_path, shared_data):
     summary = train(quick(tmp_path / "run", shared_data), progress=False)
-    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    files = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name != "tensorboard")
     assert files == ["checkpoint.pt", "config.toml", "metrics.csv", "metrics.jsonl", "summary.json"]
     rows = [
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -229,3 +229,14 @@ def test_missing_data_is_a_one_line_cli_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("vbd train: error:") and "train-images-idx3-ubyte.gz" in err
     assert "\n" not in err
+
+
+def test_tensorboard_gets_every_epoch_when_installed(tmp_path, shared_data):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(quick(tmp_path / "run", shared_data, epochs=2), progress=False)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("test_error")] == [1, 2]
+    assert {"kl", "sparsity", "compression_ratio", "lr"} <= set(events.Tags()["scalars"])

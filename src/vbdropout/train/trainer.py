@@ -1,6 +1,7 @@
 """``vbd train``: a resumable training run in its own directory.
 
 The run directory holds ``config.toml`` (the fully resolved config),
+``tensorboard/`` (the per-epoch metrics, when tensorboard is installed),
 ``checkpoint.pt`` (model, optimizer, scheduler, RNG states, epoch, history;
 rewritten atomically after every epoch), ``metrics.jsonl`` and ``metrics.csv``
 (one row per epoch) and, at the end, ``summary.json``. A killed run continues
@@ -197,6 +198,15 @@ def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_bytes(out / "metrics.csv", text.getvalue().encode())
 
 
+def _tensorboard(out: Path) -> Any:
+    """A TensorBoard writer into ``out/tensorboard`` when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
 def _versions() -> dict[str, str]:
     return {
         "vbdropout": __version__,
@@ -347,6 +357,7 @@ def _train_locked(
         enabled=None if progress else False,
     )
     status = ""
+    board = _tensorboard(out) if world.is_main else None
     for epoch in range(start_epoch, config.epochs):
         beta = kl_weight(epoch, *config.kl_warmup)
         lr = optimizer.param_groups[0]["lr"]
@@ -400,6 +411,11 @@ def _train_locked(
             "compression_ratio": report.to_dict()["compression_ratio"],
         }
         history.append(row)
+        if board is not None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    board.add_scalar(key, value, epoch + 1)
+            board.flush()
         status = (
             f"kl {stats['kl']:.3g} test err {test['error']:.4f} sparsity {report.sparsity:.1f}%"
         )
@@ -424,6 +440,8 @@ def _train_locked(
         )
         _write_metrics(out, history)
     bar.close(status)
+    if board is not None:
+        board.close()
     if not world.is_main:
         distributed.barrier()
         return {}
