@@ -240,3 +240,12 @@ def test_tensorboard_gets_every_epoch_when_installed(tmp_path, shared_data):
     events.Reload()
     assert [e.step for e in events.Scalars("test_error")] == [1, 2]
     assert {"kl", "sparsity", "compression_ratio", "lr"} <= set(events.Tags()["scalars"])
+
+
+def test_a_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path, shared_data):
+    config = quick(tmp_path / "run", shared_data, epochs=1)
+    train(config, progress=False)
+    state = load_checkpoint(tmp_path / "run")
+    del state["config"]["nproc"]  # written by a version without --nproc
+    torch.save(state, tmp_path / "run" / "checkpoint.pt")
+    assert train(config, resume=True, progress=False)["epochs"] == 1

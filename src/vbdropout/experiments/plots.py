@@ -94,9 +94,9 @@ def plot_cells(spec: Table, cells: list[dict[str, Any]], base: Path) -> list[str
     _sparsity_bars(cells, bars, f"Table {spec.number}: sparsity per layer")
     written.append(str(bars))
     for cell in cells:
-        if cell["seed"] != 0:
-            continue
         path = base / f"log_alpha_{Path(cell['run_dir']).name}.png"
+        if cell["seed"] != 0 or str(path) in written:  # rows may share a run
+            continue
         if _log_alpha_histograms(cell, path):
             written.append(str(path))
     return written

@@ -288,7 +288,9 @@ def _saved_config(state: dict[str, Any], path: str | os.PathLike[str]) -> dict[s
     """The config dict stored in a checkpoint (a :class:`CheckpointError` if it is not one)."""
     if not isinstance(state["config"], dict):
         raise CheckpointError(f"{path} is not a vbdropout checkpoint (its config is not a dict)")
-    return state["config"]
+    # fields added after the checkpoint was written take their defaults
+    defaults = TrainConfig().to_dict()
+    return {**{k: v for k, v in defaults.items() if k not in state["config"]}, **state["config"]}
 
 
 def _check_resumable(state: dict[str, Any], config: TrainConfig, path: Path) -> None:
