@@ -17,7 +17,7 @@ SHAPES = {
 }
 
 
-NEEDS_N = {"concrete", "adversarial"}
+NEEDS_N = {"concrete", "adversarial", "pruning", "dns", "ssl"}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

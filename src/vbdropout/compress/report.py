@@ -145,7 +145,8 @@ def compression_report(
     for name, module in named:
         if not isinstance(module, _WEIGHT_LAYERS):
             continue
-        weight = module.masked_weight() if isinstance(module, GaussianWeight) else module.weight
+        masked = getattr(module, "masked_weight", None)  # variational and pruning layers
+        weight = module.weight if masked is None else masked()
         layers.append(
             LayerCompression(
                 name=name or type(module).__name__,

@@ -141,6 +141,8 @@ def _prune_pair(layers: list[nn.Module], ai: int, bi: int) -> bool:
         return False
     if remove.all():  # keep one unit so that every layer keeps a valid shape
         remove[0] = False
+        if not remove.any():
+            return False
     fold = remove & ~unread & (constant != 0)
     b_bias = None if b.bias is None else b.bias.clone()
     if fold.any():

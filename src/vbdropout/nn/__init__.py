@@ -1,9 +1,11 @@
-"""Layers: variational drop-in replacements for torch layers, noise layers, plain equivalents."""
+"""Layers: variational drop-in replacements for torch layers, noise layers, plain equivalents,
+and the pruning baselines' layers (with :func:`epoch_end`, their training-event hook)."""
 
 from .adversarial import AdversarialDropout, AdversarialDropoutNet
 from .base import StochasticModule, VariationalModule, mc_sampling
 from .concrete import ConcreteDropout
 from .deterministic import InputSelect, Scale, to_deterministic
+from .dns import Conv2dDNS, LinearDNS, NetworkSurgery
 from .dropout import BernoulliDropout, GaussianDropout, VariationalGaussianDropout
 from .fast_dropout import Conv2dFastDropout, LinearFastDropout
 from .gaussian import (
@@ -14,7 +16,12 @@ from .gaussian import (
     GaussianWeight,
     LinearVBD,
 )
+from .penalized import MaskedWeight, PenalizedWeight
+from .pruning import Conv2dPruning, LinearPruning, MagnitudePruning
+from .schedule import epoch_end
+from .ssl import Conv2dSSL, GroupLasso, LinearSSL
 from .structured import StructuredBayesianPruning, StructuredVBD, UnitNoise
+from .sws import Conv2dSWS, LinearSWS, MixturePrior, SoftSharedWeight, quantize
 
 __all__ = [
     "LOG_ALPHA_RANGE",
@@ -23,21 +30,38 @@ __all__ = [
     "BernoulliDropout",
     "ConcreteDropout",
     "Conv1dVBD",
+    "Conv2dDNS",
     "Conv2dFastDropout",
+    "Conv2dPruning",
+    "Conv2dSSL",
+    "Conv2dSWS",
     "Conv2dVBD",
     "Conv3dVBD",
     "GaussianDropout",
     "GaussianWeight",
+    "GroupLasso",
     "InputSelect",
+    "LinearDNS",
     "LinearFastDropout",
+    "LinearPruning",
+    "LinearSSL",
+    "LinearSWS",
     "LinearVBD",
+    "MagnitudePruning",
+    "MaskedWeight",
+    "MixturePrior",
+    "NetworkSurgery",
+    "PenalizedWeight",
     "Scale",
+    "SoftSharedWeight",
     "StochasticModule",
     "StructuredBayesianPruning",
     "StructuredVBD",
     "UnitNoise",
     "VariationalGaussianDropout",
     "VariationalModule",
+    "epoch_end",
     "mc_sampling",
+    "quantize",
     "to_deterministic",
 ]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -235,7 +234,8 @@ class MaskedWeight(PenalizedWeight):
         """Replace the mask by ``keep`` (bool or 0/1, shaped like ``weight``) and apply it."""
         if keep.shape != self.weight.shape:
             raise ValueError(
-                f"mask of shape {tuple(keep.shape)} for a weight of shape {tuple(self.weight.shape)}"
+                f"mask of shape {tuple(keep.shape)} for a weight of shape "
+                f"{tuple(self.weight.shape)}"
             )
         self.mask.copy_(keep.to(self.mask.dtype))
         self.apply_mask_()
@@ -246,10 +246,3 @@ class MaskedWeight(PenalizedWeight):
 
     def _after_load(self) -> None:
         self.apply_mask_()
-
-
-def per_layer_values(values: Sequence[float], count: int, name: str) -> list[float]:
-    """A per-layer sequence of length ``count`` (a ValueError otherwise)."""
-    if len(values) != count:
-        raise ValueError(f"{name} gives {len(values)} values for a network of {count} layers")
-    return list(values)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["epoch_at", "epoch_end"]
+__all__ = ["check_fraction", "epoch_at", "epoch_end"]
 
 
 def _check_epoch(epoch: int, epochs: int) -> None:

@@ -15,10 +15,14 @@ ratio counts weights), as in the paper.
 Objective (whole training set): −log p(T | W) − τ·log p(W, μ, σ, π), i.e.
 each layer's :meth:`~SoftSharedWeight.kl` is −τ·Σ_i log p(w_i) and the
 prior's own :meth:`MixturePrior.kl` is the hyper-priors' −τ·log p(λ) (without
-their normalizing constants, as the authors' code). τ = 0.003 as in the
-authors' tutorial, where the data term is the batch-mean cross-entropy and
-the prior's weight is τ/N — the same objective. The "kl" is a negative log
-density and can be negative.
+their normalizing constants, as the authors' code). The authors' tutorial
+uses τ = 0.003 (its data term is the batch-mean cross-entropy and the prior's
+weight τ/N: the same objective). Our default is τ = 0.03: retraining a plain
+LeNet-300-100 (10 epochs on MNIST, Adam 1e-3) with the prior, τ = 0.003 had
+not clustered the weights after 30 epochs (zero component σ₀ = 0.043;
+quantized test error 14.4 %, continuous 1.5 %), τ = 0.03 had after 10
+(σ₀ = 0.004; quantized 1.73 % at |W|/|W≠0| = 10.9). The "kl" is a negative
+log density and can be negative.
 
 The authors train the prior with its own Adam learning rates (weights 5e-4,
 means 1e-4, log-precisions and mixing logits 3e-3). The library's trainer has
@@ -26,6 +30,12 @@ one learning rate, so the prior stores its parameters scaled: a value v is
 kept as the parameter v / s, and Adam, whose steps do not depend on the
 gradient's scale, then moves v s times as fast. ``lr_scales`` (0.2, 6, 6) keeps
 the authors' ratios to the weights' rate.
+
+Ullrich et al. retrain a trained network with the prior. ``start`` (a
+fraction of the run) lets one run do both: the weights train without the
+prior until then, and when it starts its means are widened to cover the
+trained weights (they start spread over the weights' range when the model is
+built, and a plain ``state_dict`` loaded into the model widens them too).
 
 Quantization, the compression step, is explicit and in place:
 :meth:`SoftSharedWeight.quantize_` (or :func:`quantize` on a model) sets each
@@ -49,6 +59,7 @@ from torch import Tensor, nn
 
 from .base import VariationalModule
 from .penalized import PenalizedWeight, check_nonnegative
+from .schedule import epoch_at
 
 __all__ = ["Conv2dSWS", "LinearSWS", "MixturePrior", "SoftSharedWeight", "quantize"]
 
@@ -60,6 +71,58 @@ def _check_positive(value: float, name: str) -> float:
     if value == 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
     return value
+
+
+def _joint(w: Tensor, mu: Tensor, log_lam: Tensor, log_pi: Tensor) -> Tensor:
+    """(|w|, K) log π_j + log N(w_i | μ_j, 1/λ_j) as one matrix product of [1, w, w²]:
+    log π_j + ½(log λ_j − log 2π) − ½λ_j μ_j² + w·λ_j μ_j − ½ w² λ_j."""
+    lam = log_lam.exp()
+    coef = torch.stack(
+        [log_pi + 0.5 * (log_lam - _LOG_2PI) - 0.5 * lam * mu * mu, lam * mu, -0.5 * lam]
+    )
+    powers = torch.stack([torch.ones_like(w), w, w * w], 1)
+    return powers @ coef.to(w.dtype)
+
+
+class _MixtureLogProb(torch.autograd.Function):
+    """Σ_i log Σ_j π_j N(w_i | μ_j, 1/λ_j) with the analytic backward.
+
+    With responsibilities r_ij and moments S_k = Σ_i r_ij w_i^k:
+    ∂/∂w_i = −Σ_j r_ij λ_j (w_i − μ_j), ∂/∂μ_j = λ_j (S1 − μ_j S0),
+    ∂/∂log λ_j = ½ S0 − ½ λ_j (S2 − 2μ_j S1 + μ_j² S0), ∂/∂log π_j = S0.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, mu: Tensor, log_lam: Tensor, log_pi: Tensor) -> Tensor:
+        flat = w.detach().reshape(-1)
+        joint = _joint(flat, mu.detach(), log_lam.detach(), log_pi.detach())
+        top = joint.max(1, keepdim=True).values
+        # in place: the responsibilities once normalized. Clamped at e^−80 (which changes
+        # log p by < 1e−33): exp of far more negative values gives denormals, ~10× slower.
+        resp = joint.sub_(top).clamp_(min=-80.0).exp_()
+        total = resp.sum(1, keepdim=True)
+        resp.div_(total)
+        ctx.save_for_backward(w, mu, log_lam, resp)
+        return (top + total.log()).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:
+        w, mu, log_lam, resp = ctx.saved_tensors
+        flat = w.detach().reshape(-1)
+        lam = log_lam.exp().to(resp.dtype)
+        mu_ = mu.to(resp.dtype)
+        grad_w = -(flat * (resp @ lam) - resp @ (lam * mu_))
+        s0 = resp.sum(0)
+        s1 = flat @ resp
+        s2 = (flat * flat) @ resp
+        grad_mu = lam * (s1 - mu_ * s0)
+        grad_log_lam = 0.5 * s0 - 0.5 * lam * (s2 - 2 * mu_ * s1 + mu_ * mu_ * s0)
+        return (
+            grad * grad_w.view_as(w),
+            (grad * grad_mu).to(mu.dtype),
+            (grad * grad_log_lam).to(log_lam.dtype),
+            (grad * s0).to(mu.dtype),
+        )
 
 
 class MixturePrior(VariationalModule):
@@ -74,12 +137,13 @@ class MixturePrior(VariationalModule):
         self,
         components: int = 16,
         pi_zero: float = 0.99,
-        tau: float = 0.003,
+        tau: float = 0.03,
         init_std: float = 0.25,
         init_range: float = 0.6,
         zero_gamma: tuple[float, float] = (5000.0, 2.0),
         gamma: tuple[float, float] = (250.0, 0.1),
         lr_scales: tuple[float, float, float] = (0.2, 6.0, 6.0),
+        start: float = 0.0,
     ) -> None:
         """components: K, the zero component included (≥ 2).
 
@@ -90,6 +154,8 @@ class MixturePrior(VariationalModule):
         zero_gamma, gamma: (α, β) of the Gamma hyper-priors on the zero
             component's precision and on the others'.
         lr_scales: learning-rate factors of the means, log-precisions and logits.
+        start: the prior acts from the end of this fraction of the run on (0: from the
+            first step); before, the weights train without it (see :meth:`on_epoch_end`).
         """
         super().__init__()
         if isinstance(components, bool) or not isinstance(components, int) or components < 2:
@@ -116,6 +182,18 @@ class MixturePrior(VariationalModule):
         )
         self.logit_param = nn.Parameter(torch.zeros(components - 1))
         self.init_means(init_range)
+        if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 <= start < 1:
+            raise ValueError(f"start must be a fraction of the run in [0, 1), got {start!r}")
+        self.start = float(start)
+        self.register_buffer("active", torch.tensor(self.start == 0))
+
+    def start_epoch(self, epochs: int) -> int:
+        """The first epoch (from 0) of a run of ``epochs`` in which the prior acts."""
+        return 0 if self.start == 0 else epoch_at(self.start, epochs) + 1
+
+    def on_epoch_end(self, epoch: int, epochs: int) -> None:
+        """Switch the prior on from :meth:`start_epoch` on."""
+        self.active.fill_(epoch + 1 >= self.start_epoch(epochs))
 
     @torch.no_grad()
     def init_means(self, spread: float) -> None:
@@ -124,6 +202,12 @@ class MixturePrior(VariationalModule):
         spread = _check_positive(spread, "spread")
         values = torch.linspace(-spread, spread, self.components - 1)
         self.mean_param.copy_(values / self.mean_scale)
+
+    @torch.no_grad()
+    def cover(self, spread: float) -> None:
+        """Re-spread the means over [−spread, spread] if that is wider than they are now."""
+        if spread > float(self.means().abs().max()):
+            self.init_means(spread)
 
     def means(self) -> Tensor:
         """μ of the K components; μ₀ = 0."""
@@ -139,19 +223,22 @@ class MixturePrior(VariationalModule):
         return torch.cat([rest.new_full((1,), math.log(self.pi_zero)), rest])
 
     def _joint(self, w: Tensor) -> Tensor:
-        """log π_j + log N(w | μ_j, σ_j²), shape (*w.shape, K)."""
-        log_lam = self.log_precisions()
-        diff = w.unsqueeze(-1) - self.means()
-        return self.log_mixing() + 0.5 * (log_lam - _LOG_2PI) - 0.5 * log_lam.exp() * diff * diff
+        """log π_j + log N(w | μ_j, σ_j²) of the flattened ``w``, shape (|w|, K)."""
+        return _joint(w.reshape(-1), self.means(), self.log_precisions(), self.log_mixing())
 
     def log_prob(self, w: Tensor) -> Tensor:
-        """log p(w) of every entry of ``w``."""
-        return torch.logsumexp(self._joint(w), -1)
+        """log p(w) of every entry of ``w`` (same shape)."""
+        return torch.logsumexp(self._joint(w), -1).view_as(w)
+
+    def log_prob_sum(self, w: Tensor) -> Tensor:
+        """Σ_i log p(w_i), with a fused backward (responsibilities and K-sized moments
+        instead of |w|×K autograd graphs: several times faster on LeNet-300-100)."""
+        return _MixtureLogProb.apply(w, self.means(), self.log_precisions(), self.log_mixing())
 
     @torch.no_grad()
     def assign(self, w: Tensor) -> Tensor:
         """The index of each entry's most responsible component (0: the zero component)."""
-        return self._joint(w).argmax(-1)
+        return self._joint(w).argmax(-1).view(w.shape)
 
     @torch.no_grad()
     def quantized(self, w: Tensor) -> Tensor:
@@ -160,7 +247,9 @@ class MixturePrior(VariationalModule):
         return torch.where(index == 0, torch.zeros_like(w), self.means()[index].to(w.dtype))
 
     def kl(self) -> Tensor:
-        """τ·(−log p(λ)) of the Gamma hyper-priors, up to their constants."""
+        """τ·(−log p(λ)) of the Gamma hyper-priors, up to their constants (0 while inactive)."""
+        if not bool(self.active):
+            return self.mean_param.new_zeros(())
         log_lam = self.log_precisions()
         alpha = torch.tensor([self.zero_gamma[0]] + [self.gamma[0]] * (self.components - 1))
         beta = torch.tensor([self.zero_gamma[1]] + [self.gamma[1]] * (self.components - 1))
@@ -182,6 +271,7 @@ class MixturePrior(VariationalModule):
     ) -> None:
         """A state without any prior entry (a plain network's) leaves the prior as it is."""
         names = [prefix + n for n, _ in self.named_parameters(recurse=False)]
+        names += [prefix + n for n, _ in self.named_buffers(recurse=False)]
         absent = not any(k in state_dict for k in names)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -217,9 +307,30 @@ class SoftSharedWeight(PenalizedWeight):
         self.prior = prior if prior is not None else MixturePrior()
         self.quantize_at_end = bool(quantize_at_end)
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """A plain layer's state (a trained net to retrain, as Ullrich et al. do) also widens
+        the prior's means to cover the loaded weights (:meth:`MixturePrior.cover`)."""
+        plain = not any(k.startswith(prefix + "prior.") for k in state_dict)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if plain and prefix + "weight" in state_dict:
+            self.prior.cover(float(self.weight.detach().abs().max()))
+
     def penalty(self) -> Tensor:
-        """−τ·Σ log p(w) over the layer's weights."""
-        return -self.prior.tau * self.prior.log_prob(self.weight).sum()
+        """−τ·Σ log p(w) over the layer's weights (0 while the prior is inactive)."""
+        if not bool(self.prior.active):
+            return self.weight.new_zeros(())
+        return -self.prior.tau * self.prior.log_prob_sum(self.weight)
 
     @torch.no_grad()
     def quantize_(self) -> None:
@@ -227,6 +338,10 @@ class SoftSharedWeight(PenalizedWeight):
         self.weight.copy_(self.prior.quantized(self.weight))
 
     def on_epoch_end(self, epoch: int, epochs: int) -> None:
+        """When the prior starts next epoch, widen its means to cover this layer's weights
+        (:meth:`MixturePrior.cover`); after the last epoch, quantize (``quantize_at_end``)."""
+        if epoch + 1 == self.prior.start_epoch(epochs) and epoch + 1 < epochs:
+            self.prior.cover(float(self.weight.detach().abs().max()))
         if epoch == epochs - 1 and self.quantize_at_end:
             self.quantize_()
 

@@ -43,6 +43,7 @@ from ..compress import compression_report
 from ..data import Dataset, load_dataset
 from ..models import METHODS, build_model
 from ..nn.gaussian import GaussianWeight
+from ..nn.schedule import epoch_end
 from . import distributed
 from .checkpoint import (
     CheckpointError,
@@ -394,6 +395,7 @@ def _train_locked(
             raise DivergenceError(
                 f"training diverged in epoch {epoch + 1}, {err}; {kept}"
             ) from None
+        epoch_end(model, epoch, config.epochs)  # schedules of methods that have them (pruning)
         scheduler.step()
         stats.update(distributed.all_mean({k: stats[k] for k in ("loss", "nll", "train_error")}))
         rng_ranks = distributed.all_gather_rng_state()
