@@ -204,3 +204,14 @@ def test_compress_command_on_a_trained_run(tmp_path, shared_data, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["source"]["method"] == "vbd"
     assert (tmp_path / "export" / "shrunk.pt").is_file()
+
+
+def test_shrink_terminates_when_a_layer_has_no_weight_left():
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)
+    )
+    with torch.no_grad():
+        model[3].weight.zero_()
+    small = shrink(model)
+    x = torch.randn(5, 1, 6)
+    assert torch.allclose(small(x), model(x), atol=1e-6)
