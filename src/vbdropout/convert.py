@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from .nn.gaussian import Conv1dVBD, Conv2dVBD, Conv3dVBD, GaussianWeight, LinearVBD
+from .nn.geometry import layer_like
 
 __all__ = ["convert"]
 
@@ -28,31 +29,10 @@ _CONV = {nn.Conv1d: Conv1dVBD, nn.Conv2d: Conv2dVBD, nn.Conv3d: Conv3dVBD}
 
 def _variational(module: nn.Module, options: dict[str, Any]) -> nn.Module | None:
     """The variational twin of a plain layer (weights copied), or None if unsupported."""
-    factory = (
-        {"device": module.weight.device, "dtype": module.weight.dtype}
-        if hasattr(module, "weight")
-        else {}
-    )
-    if type(module) is nn.Linear:
-        new = LinearVBD(
-            module.in_features, module.out_features, module.bias is not None, **factory, **options
-        )
-    elif type(module) in _CONV:
-        new = _CONV[type(module)](
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            **factory,
-            **options,
-        )
-    else:
+    cls = LinearVBD if type(module) is nn.Linear else _CONV.get(type(module))
+    if cls is None:
         return None
+    new = layer_like(module, cls, **options)
     new.load_state_dict(module.state_dict())
     return new.train(module.training)
 

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..priors import LOG_ALPHA_RANGE, Prior, get_prior
 from .base import VariationalModule
+from .geometry import layer_like
 
 __all__ = [
     "LOG_ALPHA_RANGE",
@@ -208,14 +209,11 @@ class GaussianWeight(VariationalModule):
     @torch.no_grad()
     def deterministic(self) -> nn.Module:
         """The plain torch layer computing this layer's evaluation output (pruned θ)."""
-        plain = self._plain_layer()
+        plain = layer_like(self)
         plain.weight.copy_(self.masked_weight())
         if self.bias is not None:
             plain.bias.copy_(self.bias)
         return plain.eval()
-
-    def _plain_layer(self) -> nn.Module:
-        raise NotImplementedError
 
     def kl(self) -> Tensor:
         """KL(q(W) || p(W)) summed over the layer's weights (biases are deterministic)."""
@@ -298,10 +296,6 @@ class LinearVBD(GaussianWeight, nn.Linear):
     ``LinearVBD(in_features, out_features, bias=True, *, prior="hierarchical", ...)``.
     """
 
-    def _plain_layer(self) -> nn.Module:
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        return nn.Linear(self.in_features, self.out_features, self.bias is not None, **factory)
-
     def _apply_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return nn.functional.linear(x, weight, bias)
 
@@ -318,26 +312,9 @@ class _ConvGaussianWeight(GaussianWeight):
 
     in_channels: int
     _spatial_dims: int
-    _plain_class: type[nn.Module]
 
     def _apply_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
-
-    def _plain_layer(self) -> nn.Module:
-        conv = self  # a torch _ConvNd through the concrete subclass
-        return self._plain_class(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,  # type: ignore[attr-defined]
-            stride=conv.stride,  # type: ignore[attr-defined]
-            padding=conv.padding,  # type: ignore[attr-defined]
-            dilation=conv.dilation,  # type: ignore[attr-defined]
-            groups=conv.groups,  # type: ignore[attr-defined]
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,  # type: ignore[attr-defined]
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-        )
 
     def _check_input(self, x: Tensor) -> None:
         d = self._spatial_dims
@@ -353,18 +330,15 @@ class Conv1dVBD(_ConvGaussianWeight, nn.Conv1d):
     """``nn.Conv1d`` with a Gaussian posterior per weight (same signature + VBD options)."""
 
     _spatial_dims = 1
-    _plain_class = nn.Conv1d
 
 
 class Conv2dVBD(_ConvGaussianWeight, nn.Conv2d):
     """``nn.Conv2d`` with a Gaussian posterior per weight (same signature + VBD options)."""
 
     _spatial_dims = 2
-    _plain_class = nn.Conv2d
 
 
 class Conv3dVBD(_ConvGaussianWeight, nn.Conv3d):
     """``nn.Conv3d`` with a Gaussian posterior per weight (same signature + VBD options)."""
 
     _spatial_dims = 3
-    _plain_class = nn.Conv3d

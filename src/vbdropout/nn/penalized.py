@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
 
 from .base import VariationalModule
+from .geometry import layer_like
 
 __all__ = ["MaskedWeight", "PenalizedWeight", "check_dataset_size", "check_nonnegative"]
 
@@ -54,10 +55,6 @@ def check_dataset_size(dataset_size: int | None, needed_for: str | None) -> int 
     if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
         raise ValueError(f"dataset_size must be a positive int, got {dataset_size!r}")
     return dataset_size
-
-
-def _conv_class(layer: nn.Module) -> type[nn.Module]:
-    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(layer.kernel_size)]  # type: ignore[arg-type]
 
 
 class PenalizedWeight(VariationalModule):
@@ -125,28 +122,10 @@ class PenalizedWeight(VariationalModule):
             return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
         return nn.functional.linear(x, weight, bias)
 
-    def _plain_layer(self) -> nn.Module:
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        has_bias = self.bias is not None
-        if isinstance(self, nn.modules.conv._ConvNd):
-            return _conv_class(self)(
-                self.in_channels,
-                self.out_channels,
-                self.kernel_size,
-                stride=self.stride,
-                padding=self.padding,
-                dilation=self.dilation,
-                groups=self.groups,
-                bias=has_bias,
-                padding_mode=self.padding_mode,
-                **factory,
-            )
-        return nn.Linear(self.in_features, self.out_features, has_bias, **factory)  # type: ignore[attr-defined]
-
     @torch.no_grad()
     def deterministic(self) -> nn.Module:
         """The plain torch layer holding :meth:`masked_weight` (what evaluation computes)."""
-        plain = self._plain_layer()
+        plain = layer_like(self)
         plain.weight.copy_(self.masked_weight())
         if self.bias is not None:
             plain.bias.copy_(self.bias)
