@@ -89,3 +89,27 @@ def test_unit_noise_rejects_wrong_shapes():
         StructuredVBD(3)(torch.randn(2, 4))
     with pytest.raises(ValueError, match="a < b"):
         StructuredBayesianPruning(3, a=0.0, b=-1.0)
+
+
+@pytest.mark.parametrize("make", [lambda: StructuredVBD(4), lambda: StructuredBayesianPruning(4)])
+def test_cached_eval_multiplier_follows_parameter_and_threshold_changes(make):
+    layer = make().eval()
+    x = torch.ones(2, 4)
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(first, layer.multiplier().expand(2, 4))
+        for p in layer.parameters():
+            p.add_(0.5)  # in place, as an optimizer step does
+        assert torch.equal(layer(x), layer.multiplier().expand(2, 4))
+        assert not torch.equal(layer(x), first)
+        if isinstance(layer, StructuredVBD):
+            layer.log_sigma2.fill_(0.0)  # log α ≈ −0.8: kept at threshold 0 ...
+            assert layer(x).abs().sum() > 0
+            layer.threshold = -1.0  # ... pruned at −1
+        else:
+            layer.log_sigma.fill_(2.0)  # wide noise: SNR < 1, every unit pruned ...
+            assert torch.equal(layer(x), torch.zeros(2, 4))
+            layer.snr_threshold = 0.0  # ... and kept again at threshold 0
+            assert (layer(x) > 0).all()
+            return
+        assert torch.equal(layer(x), torch.zeros(2, 4)), "every unit pruned"

@@ -71,7 +71,23 @@ class UnitNoise(VariationalModule):
         view = (-1, self.num_units) + (1,) * (x.dim() - 2)
         if self.sampling():
             return x * self.sample(x.shape[0]).view(view)
-        return x * self.multiplier().view(view)
+        return x * self._eval_multiplier().view(view)
+
+    def _eval_multiplier(self) -> Tensor:
+        """:meth:`multiplier`, cached across evaluation forwards without autograd.
+
+        Keyed on the parameters' in-place version counters and storage, and on
+        the pruning thresholds.
+        """
+        if torch.is_grad_enabled():
+            return self.multiplier()
+        key = tuple((p._version, p.data_ptr()) for p in self.parameters(recurse=False))
+        key += (getattr(self, "threshold", None), getattr(self, "snr_threshold", None))
+        cached = self.__dict__.get("_eval_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.multiplier())
+            self.__dict__["_eval_cache"] = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         return f"num_units={self.num_units}"
