@@ -491,6 +491,7 @@ class PerLayerMethod(Method):
     """
 
     per_layer: ClassVar[str]
+    layer_classes: ClassVar[tuple[type[nn.Module], type[nn.Module]]]  # (linear, conv2d)
     defaults: ClassVar[dict[str, dict[str, float]]]
     options: dict[str, Any]
     _built: list[tuple[nn.Module, str]]
@@ -523,6 +524,21 @@ class PerLayerMethod(Method):
         if spec is None or isinstance(spec, dict):
             return self.defaults[kind][key]
         return spec
+
+    def _layer_options(self) -> dict[str, Any]:
+        """The options every layer gets (all but the per-layer one, set by ``_track``)."""
+        return {k: v for k, v in self.options.items() if k != self.per_layer}
+
+    def linear(self, in_features: int, out_features: int, position: Position) -> nn.Module:
+        layer = self.layer_classes[0](in_features, out_features, **self._layer_options())
+        return self._track(layer, position, conv=False)
+
+    def conv2d(
+        self, in_channels: int, out_channels: int, kernel_size: int, position: Position, **kw: Any
+    ) -> nn.Module:
+        conv = self.layer_classes[1]
+        layer = conv(in_channels, out_channels, kernel_size, **kw, **self._layer_options())
+        return self._track(layer, position, conv=True)
 
     def _track(self, layer: nn.Module, position: Position, conv: bool) -> nn.Module:
         key = f"conv_{position}" if conv else position
@@ -565,6 +581,7 @@ class Pruning(PerLayerMethod):
 
     name = "pruning"
     per_layer = "sparsity"
+    layer_classes = (LinearPruning, Conv2dPruning)
     defaults = HAN_SPARSITY
 
     def __init__(
@@ -585,19 +602,6 @@ class Pruning(PerLayerMethod):
             "dataset_size": dataset_size,
         }
 
-    def _layer_options(self) -> dict[str, Any]:
-        return {k: self.options[k] for k in ("prune_at", "weight_decay", "dataset_size")}
-
-    def linear(self, in_features: int, out_features: int, position: Position) -> nn.Module:
-        layer = LinearPruning(in_features, out_features, **self._layer_options())
-        return self._track(layer, position, conv=False)
-
-    def conv2d(
-        self, in_channels: int, out_channels: int, kernel_size: int, position: Position, **kw: Any
-    ) -> nn.Module:
-        layer = Conv2dPruning(in_channels, out_channels, kernel_size, **kw, **self._layer_options())
-        return self._track(layer, position, conv=True)
-
 
 class DNS(PerLayerMethod):
     """Dynamic network surgery (Guo et al. 2016): pruning and splicing during training.
@@ -612,6 +616,7 @@ class DNS(PerLayerMethod):
 
     name = "dns"
     per_layer = "c_rate"
+    layer_classes = (LinearDNS, Conv2dDNS)
     defaults = DNS_C_RATE
 
     def __init__(
@@ -638,19 +643,6 @@ class DNS(PerLayerMethod):
             "dataset_size": dataset_size,
         }
         LinearDNS(1, 1, **self._layer_options())  # validates the options
-
-    def _layer_options(self) -> dict[str, Any]:
-        return {k: v for k, v in self.options.items() if k != "c_rate"}
-
-    def linear(self, in_features: int, out_features: int, position: Position) -> nn.Module:
-        layer = LinearDNS(in_features, out_features, **self._layer_options())
-        return self._track(layer, position, conv=False)
-
-    def conv2d(
-        self, in_channels: int, out_channels: int, kernel_size: int, position: Position, **kw: Any
-    ) -> nn.Module:
-        layer = Conv2dDNS(in_channels, out_channels, kernel_size, **kw, **self._layer_options())
-        return self._track(layer, position, conv=True)
 
 
 class SoftWeightSharing(Method):
