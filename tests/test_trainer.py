@@ -64,6 +64,17 @@ def test_run_writes_its_files_and_a_complete_summary(tmp_path, shared_data):
     assert on_disk["compression"]["layers"][0]["weights"] == 784 * 300
 
 
+def test_training_flushes_denormal_floats_to_zero(tmp_path, shared_data):
+    denormal = 1e-40  # below float32's smallest normal number, 1.2e-38
+    torch.set_flush_denormal(False)
+    assert torch.tensor([denormal]).item() != 0.0
+    try:
+        train(quick(tmp_path / "run", shared_data, epochs=1), progress=False)
+        assert torch.tensor([denormal]).item() == 0.0, "slow denormal arithmetic left on"
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, shared_data):
     epochs = 40
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

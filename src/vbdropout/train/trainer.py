@@ -258,9 +258,16 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     With ``config.nproc > 1`` the run is data-parallel over that many local
     processes (see :mod:`vbdropout.train.distributed`); under torchrun the
     process group comes from the environment.
+
+    Denormal floats are flushed to zero for the process (``torch.set_flush_denormal``):
+    weights that a penalty or a pruning mask drives towards zero, and Adam's moments
+    of weights that no longer get gradients, otherwise sink into the denormal
+    range, where CPU arithmetic is tens of times slower (a 200-epoch LeNet-300-100
+    pruning run went from 2 s to 30 s per epoch by epoch 20).
     """
     config = resolve_config(config)
     device = resolve_device(config.device)
+    torch.set_flush_denormal(True)
     if config.nproc > 1 and "WORLD_SIZE" not in os.environ and not distributed.current().size > 1:
         _prepare_out(Path(config.out))
         distributed.spawn(config.nproc, device, _train_worker, config, resume)
