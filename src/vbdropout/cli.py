@@ -97,13 +97,41 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _numbers(text: str, kind: type = float) -> tuple:
+    try:
+        values = tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated {kind.__name__}s, got {text!r}"
+        ) from None
+    return values
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    shape = _numbers(text, int)
+    if any(n <= 0 for n in shape):
+        raise argparse.ArgumentTypeError(f"expected positive sizes like 3,32,32, got {text!r}")
+    return shape
+
+
 def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
+    from .compress.custom import load_custom_model
     from .compress.export import export_compressed, format_report
     from .train.trainer import load_run
 
-    model, data, config = load_run(args.run, args.data_dir)
-    source = {"run": str(args.run), "model": config.model, "method": config.method}
-    report = export_compressed(model, args.out, data.input_shape, data.mean, data.std, source)
+    if args.factory:
+        if args.input_shape is None:
+            raise ValueError("--factory needs --input-shape (one example's shape, e.g. 3,32,32)")
+        model = load_custom_model(args.run, args.factory)
+        source = {"checkpoint": str(args.run), "factory": args.factory}
+        shape, mean, std = args.input_shape, args.mean, args.std
+    else:
+        if any(v is not None for v in (args.input_shape, args.mean, args.std)):
+            raise ValueError("--input-shape, --mean and --std go with --factory (a run knows them)")
+        model, data, config = load_run(args.run, args.data_dir)
+        source = {"run": str(args.run), "model": config.model, "method": config.method}
+        shape, mean, std = data.input_shape, data.mean, data.std
+    report = export_compressed(model, args.out, shape, mean, std, source)
     if not args.json:
         print(format_report(report), end="")
         print(f"files written to {args.out}")
@@ -214,11 +242,25 @@ def _add_train_parser(sub: Any) -> None:
         help="export a trained run as smaller models (shrunk, sparse, ONNX) with a report",
         description="Remove pruned weights, neurons and channels from RUN (a run directory or "
         "checkpoint.pt) and write shrunk.pt, shrunk.safetensors, sparse.safetensors, "
-        "shrunk.onnx (when onnx is installed), report.json and report.md into --out.",
+        "shrunk.onnx (when onnx is installed), report.json and report.md into --out. "
+        "For your own model, RUN is its saved state_dict and --factory names the function "
+        "that builds the (converted) model.",
     )
     compress.add_argument("run")
     compress.add_argument("--out", required=True, help="output directory")
     compress.add_argument("--data-dir", help="data folder (for the input normalization)")
+    compress.add_argument(
+        "--factory",
+        help="package.module:function returning your model (built as in training, e.g. "
+        "with vbdropout.convert); RUN is then its state_dict file",
+    )
+    compress.add_argument("--input-shape", type=_shape, help="with --factory: e.g. 3,32,32")
+    compress.add_argument(
+        "--mean", type=_numbers, help="with --factory: input mean per channel (recorded)"
+    )
+    compress.add_argument(
+        "--std", type=_numbers, help="with --factory: input std per channel (recorded)"
+    )
     compress.add_argument("--json", action="store_true", help="print one JSON object as last line")
     compress.set_defaults(run_command=_cmd_compress)
 

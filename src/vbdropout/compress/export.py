@@ -15,6 +15,15 @@ Files written by :func:`export_compressed` into an output directory:
 
 Every model expects inputs normalized as ``(pixels / 255 − mean) / std``, with
 the mean and std recorded in the report as ``input_normalization``.
+
+A model that is not one supported ``Sequential`` (a user's network after
+:func:`vbdropout.convert`) is exported the same way with its supported
+``Sequential`` parts shrunk (see :mod:`.shrink`): the metadata then names those
+parts, and :func:`load_shrunk`/:func:`load_sparse` need the model's own code
+(``like=`` an instance of it, plain, converted or trained) to rebuild the rest;
+``shrunk.pt`` and ``shrunk.onnx`` never need it. In ``sparse.safetensors``
+every Linear and Conv2d weight is CSR; other state (biases of other layers,
+normalization statistics, Conv1d/3d weights) is stored dense under its own key.
 """
 
 from __future__ import annotations
@@ -32,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn.deterministic import InputSelect
+from ..nn.deterministic import InputSelect, to_deterministic
 from ..train.checkpoint import atomic_write_bytes, atomic_write_json
 from .report import compression_report
-from .shrink import fold_scales, neurons_per_layer, shrink
+from .shrink import fold_scales_with_parts, neurons_per_layer, shrink_with_parts
 
 __all__ = ["export_compressed", "load_shrunk", "load_sparse", "macs"]
 
@@ -110,20 +119,53 @@ def _safetensors() -> Any:
     return safetensors.torch
 
 
-def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
-    """The tensors of an exported safetensors file and the architecture in its metadata."""
+def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors of an exported safetensors file and its metadata."""
     tensors = _safetensors().load_file(str(path))
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        spec = json.loads(f.metadata()["architecture"])
-    return tensors, spec
+        return tensors, f.metadata() or {}
 
 
-def load_shrunk(path: str | os.PathLike[str]) -> nn.Sequential:
-    """Rebuild the plain shrunk ``nn.Sequential`` from ``shrunk.safetensors``."""
-    tensors, spec = _read(path)
-    network = _build(spec)
+def _architecture_metadata(model: nn.Module, parts: list[str]) -> dict[str, str]:
+    if not parts and isinstance(model, nn.Sequential):
+        return {"architecture": json.dumps(_spec(model))}
+    specs = {name: _spec(model.get_submodule(name)) for name in parts}
+    return {"parts": json.dumps(specs), "model_class": type(model).__qualname__}
+
+
+def _skeleton(
+    path: str | os.PathLike[str], metadata: dict[str, str], like: nn.Module | None
+) -> nn.Module:
+    """The exported model's module tree, without its trained values."""
+    if "architecture" in metadata:
+        return _build(json.loads(metadata["architecture"]))
+    if "parts" not in metadata:
+        raise ValueError(f"{path} holds no architecture: was it written by vbd compress?")
+    if like is None:
+        raise ValueError(
+            f"{path} was exported from a custom model ({metadata.get('model_class', '?')}): "
+            "pass like=<an instance of that model> to rebuild it"
+        )
+    skeleton = to_deterministic(like)
+    for name, spec in json.loads(metadata["parts"]).items():
+        _set_submodule(skeleton, name, _build(spec))
+    return skeleton
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def load_shrunk(path: str | os.PathLike[str], like: nn.Module | None = None) -> nn.Module:
+    """Rebuild the plain shrunk model from ``shrunk.safetensors``.
+
+    like: for a model exported from custom code, an instance of that model.
+    """
+    tensors, metadata = _read(path)
+    network = _skeleton(path, metadata, like)
     network.load_state_dict(tensors)
     return network.eval()
 
@@ -161,46 +203,56 @@ class SparseConv2d(nn.Module):
         return y.reshape(n, s["out"], h, w)
 
 
-def load_sparse(path: str | os.PathLike[str]) -> nn.Sequential:
-    """A network running sparse (CSR) inference from ``sparse.safetensors``."""
-    tensors, spec = _read(path)
-    dense = _build(spec)
-    layers: list[nn.Module] = []
-    for i, (s, module) in enumerate(zip(spec, dense, strict=True)):
-        if s["type"] in ("linear", "conv2d"):
-            rows = s["out"]
-            cols = s["in"] * (math.prod(s["kernel_size"]) if s["type"] == "conv2d" else 1)
-            weight = torch.sparse_csr_tensor(
-                tensors[f"{i}.crow_indices"],
-                tensors[f"{i}.col_indices"],
-                tensors[f"{i}.values"],
-                (rows, cols),
-                check_invariants=True,  # the file may come from elsewhere
-            )
-            bias = tensors.get(f"{i}.bias")
-            layers.append(
-                SparseLinear(weight, bias)
-                if s["type"] == "linear"
-                else SparseConv2d(weight, bias, s)
-            )
-        else:
-            layers.append(module)
-    return nn.Sequential(*layers).eval()
-
-
-def _sparse_tensors(network: nn.Sequential) -> dict[str, Tensor]:
+def _sparse_tensors(network: nn.Module) -> dict[str, Tensor]:
+    """CSR triples of every Linear/Conv2d weight; every other state entry as it is."""
     tensors: dict[str, Tensor] = {}
-    for i, m in enumerate(network):
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+    in_csr = set()
+    for name, m in network.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "groups", 1) == 1:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
                 csr = m.weight.detach().reshape(m.weight.shape[0], -1).to_sparse_csr()
-            tensors[f"{i}.crow_indices"] = csr.crow_indices().to(torch.int32).contiguous()
-            tensors[f"{i}.col_indices"] = csr.col_indices().to(torch.int32).contiguous()
-            tensors[f"{i}.values"] = csr.values().contiguous()
-            if m.bias is not None:
-                tensors[f"{i}.bias"] = m.bias.detach().contiguous()
+            prefix = f"{name}." if name else ""
+            tensors[f"{prefix}crow_indices"] = csr.crow_indices().to(torch.int32).contiguous()
+            tensors[f"{prefix}col_indices"] = csr.col_indices().to(torch.int32).contiguous()
+            tensors[f"{prefix}values"] = csr.values().contiguous()
+            in_csr.add(f"{prefix}weight")
+    for key, value in network.state_dict().items():
+        if key not in in_csr:
+            tensors[key] = value.detach().contiguous()
     return tensors
+
+
+def load_sparse(path: str | os.PathLike[str], like: nn.Module | None = None) -> nn.Module:
+    """A network running sparse (CSR) inference from ``sparse.safetensors``.
+
+    like: for a model exported from custom code, an instance of that model.
+    """
+    tensors, metadata = _read(path)
+    network = _skeleton(path, metadata, like)
+    for name, module in list(network.named_modules()):
+        prefix = f"{name}." if name else ""
+        if f"{prefix}values" not in tensors:
+            continue
+        s = _spec(nn.Sequential(module))[0]
+        cols = s["in"] * (math.prod(s["kernel_size"]) if s["type"] == "conv2d" else 1)
+        weight = torch.sparse_csr_tensor(
+            tensors.pop(f"{prefix}crow_indices"),
+            tensors.pop(f"{prefix}col_indices"),
+            tensors.pop(f"{prefix}values"),
+            (s["out"], cols),
+            check_invariants=True,  # the file may come from elsewhere
+        )
+        bias = tensors.pop(f"{prefix}bias", None)
+        if s["type"] == "linear":
+            sparse: nn.Module = SparseLinear(weight, bias)
+        else:
+            sparse = SparseConv2d(weight, bias, s)
+        if not name:
+            return sparse.eval()
+        _set_submodule(network, name, sparse)
+    network.load_state_dict(tensors)
+    return network.eval()
 
 
 @torch.no_grad()
@@ -236,25 +288,30 @@ def export_compressed(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
     input_shape: tuple[int, ...],
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
     source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the files listed in the module docstring; returns the report."""
+    """Write the files listed in the module docstring; returns the report.
+
+    input_shape: one example's shape (e.g. ``(1, 28, 28)``), for tracing and MACs.
+    mean, std: the input normalization the model was trained with (recorded only).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
-    dense = fold_scales(model)
-    small = shrink(model)
+    dense, dense_parts = fold_scales_with_parts(model)
+    small, small_parts = shrink_with_parts(model)
     example = torch.zeros(2, *input_shape)
 
     tensors = {k: v.contiguous() for k, v in small.state_dict().items()}
-    arch = {"architecture": json.dumps(_spec(small))}
-    _write_safetensors(out / "shrunk.safetensors", tensors, arch)
+    _write_safetensors(
+        out / "shrunk.safetensors", tensors, _architecture_metadata(small, small_parts)
+    )
     _write_safetensors(
         out / "sparse.safetensors",
         _sparse_tensors(dense),
-        {"architecture": json.dumps(_spec(dense))},
+        _architecture_metadata(dense, dense_parts),
     )
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(small, (example,), dynamic_shapes=({0: batch},))
@@ -283,8 +340,13 @@ def export_compressed(
     small_params = sum(p.numel() for p in small.parameters())
     report = {
         "source": source or {},
-        "input_normalization": {"mean": list(mean), "std": list(std), "pixels": "scaled to [0, 1]"},
+        "input_normalization": {
+            "mean": None if mean is None else list(mean),
+            "std": None if std is None else list(std),
+            "pixels": "scaled to [0, 1]",
+        },
         "input_shape": list(input_shape),
+        "shrunk_parts": small_parts if small_parts else "whole model",
         "compression_ratio": weights.to_dict()["compression_ratio"],
         "sparsity_per_layer": weights.sparsity_per_layer(),
         "weights": weights.to_dict(),
@@ -299,6 +361,12 @@ def export_compressed(
     atomic_write_json(out / "report.json", report)
     atomic_write_bytes(out / "report.md", format_report(report).encode())
     return report
+
+
+def _parts_text(parts: str | list[str]) -> str:
+    if isinstance(parts, str):
+        return parts
+    return ", ".join(f"`{p}`" for p in parts) if parts else "nothing (no supported Sequential part)"
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -318,6 +386,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"- multiply–accumulates per example: {ops['dense']} → {ops['shrunk']}",
         f"- input normalization: (x − {report['input_normalization']['mean']}) / "
         f"{report['input_normalization']['std']} on pixels in [0, 1]",
+        f"- shrunk: {_parts_text(report['shrunk_parts'])}",
         "",
         "| file | bytes |",
         "|---|---|",

@@ -138,7 +138,7 @@ def compression_report(
     if any(isinstance(m, UnitNoise) for m in model.modules()):
         from .shrink import fold_scales
 
-        named = [(str(i), m) for i, m in enumerate(fold_scales(model))]
+        named = list(fold_scales(model).named_modules())
     else:
         named = list(model.named_modules())
     layers = []

@@ -1,7 +1,8 @@
-"""Physically remove pruned neurons and channels from a sequential network.
+"""Physically remove pruned neurons and channels from a network.
 
-:func:`shrink` turns a trained model into a smaller plain ``nn.Sequential`` that
-computes the same function as ``model.eval()`` (up to float rounding):
+:func:`shrink` turns a trained sequential model into a smaller plain
+``nn.Sequential`` that computes the same function as ``model.eval()`` (up to
+float rounding):
 
 1. :func:`~vbdropout.nn.deterministic.to_deterministic` — plain layers,
    pruned weights zeroed, unit-noise layers as fixed scales;
@@ -19,10 +20,19 @@ computes the same function as ``model.eval()`` (up to float rounding):
 Steps 3–4 repeat until nothing changes. Supported: ``Sequential`` networks of
 Linear, Conv2d (groups = 1), ReLU, MaxPool2d, Flatten, Dropout/Identity — the
 shape of every network in :mod:`vbdropout.models`.
+
+Any other model (a user's network after :func:`vbdropout.convert`, or a
+``Sequential`` with layers outside that list) is made
+deterministic and every ``nn.Sequential`` inside it that the rules above
+support is replaced by its shrunk version; such a part keeps its input and
+output shapes, so the model's own ``forward`` still runs. The rest stays as the
+deterministic layers (pruned weights zero); :func:`shrink_with_parts` also
+names the parts it replaced.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import pairwise
 
 import torch
@@ -30,7 +40,13 @@ from torch import Tensor, nn
 
 from ..nn.deterministic import InputSelect, Scale, to_deterministic
 
-__all__ = ["fold_scales", "neurons_per_layer", "shrink"]
+__all__ = [
+    "fold_scales",
+    "fold_scales_with_parts",
+    "neurons_per_layer",
+    "shrink",
+    "shrink_with_parts",
+]
 
 _WEIGHT = (nn.Linear, nn.Conv2d)
 _BETWEEN = (nn.ReLU, nn.MaxPool2d, nn.Flatten)
@@ -55,9 +71,7 @@ def _check_supported(layers: list[nn.Module]) -> None:
             raise ValueError("shrink does not support grouped convolutions")
 
 
-@torch.no_grad()
-def fold_scales(model: nn.Module) -> nn.Sequential:
-    """The deterministic model as a flat ``Sequential`` with every :class:`Scale` folded away."""
+def _fold_sequential(model: nn.Module) -> nn.Sequential:
     layers = _flat_layers(to_deterministic(model))
     _check_supported(layers)
     out: list[nn.Module] = []
@@ -180,10 +194,8 @@ def _prune_inputs(layers: list[nn.Module]) -> None:
     layers[1] = _rebuild(first, first.weight[:, read], first.bias)
 
 
-@torch.no_grad()
-def shrink(model: nn.Module) -> nn.Sequential:
-    """A physically smaller plain ``nn.Sequential`` computing ``model.eval()`` (see module doc)."""
-    layers = list(fold_scales(model))
+def _shrink_sequential(model: nn.Module) -> nn.Sequential:
+    layers = list(_fold_sequential(model))
     weight_at = [i for i, m in enumerate(layers) if isinstance(m, _WEIGHT)]
     changed = True
     while changed:
@@ -194,19 +206,83 @@ def shrink(model: nn.Module) -> nn.Sequential:
     return nn.Sequential(*layers).eval()
 
 
-def neurons_per_layer(network: nn.Sequential) -> list[int]:
+_Transform = Callable[[nn.Module], nn.Sequential]
+
+
+def _replace_sequentials(module: nn.Module, transform: _Transform, prefix: str = "") -> list[str]:
+    """Replace, in place, every outermost ``Sequential`` below ``module`` that ``transform`` takes.
+
+    A part that ``transform`` rejects (ValueError) is searched for smaller parts
+    instead. Returns the qualified names of the replaced parts.
+    """
+    replaced = []
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Sequential):
+            try:
+                setattr(module, name, transform(child))
+                replaced.append(prefix + name)
+                continue
+            except ValueError:
+                pass
+        replaced += _replace_sequentials(child, transform, f"{prefix}{name}.")
+    return replaced
+
+
+def _apply(model: nn.Module, transform: _Transform) -> tuple[nn.Module, list[str]]:
+    """``transform`` of a supported sequential model, else of every supported part of the model."""
+    if isinstance(model, nn.Sequential):
+        try:
+            return transform(model), []
+        except ValueError:
+            pass
+    plain = to_deterministic(model)
+    return plain.eval(), _replace_sequentials(plain, transform)
+
+
+@torch.no_grad()
+def fold_scales(model: nn.Module) -> nn.Module:
+    """The deterministic model with every :class:`Scale` folded into its weight layer.
+
+    A sequential model becomes one flat ``Sequential``; any other model keeps its
+    structure with each supported ``Sequential`` inside it folded and flattened.
+    """
+    return fold_scales_with_parts(model)[0]
+
+
+@torch.no_grad()
+def fold_scales_with_parts(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """:func:`fold_scales` and the qualified names of the parts it replaced (as
+    :func:`shrink_with_parts`)."""
+    return _apply(model, _fold_sequential)
+
+
+@torch.no_grad()
+def shrink(model: nn.Module) -> nn.Module:
+    """A physically smaller plain model computing ``model.eval()`` (see the module doc).
+
+    A supported sequential model becomes one plain ``nn.Sequential``; any other
+    model keeps its ``forward`` with its supported ``Sequential`` parts shrunk.
+    """
+    return shrink_with_parts(model)[0]
+
+
+@torch.no_grad()
+def shrink_with_parts(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """:func:`shrink` and the qualified names of the parts it replaced (none when it
+    shrank the whole model as one ``Sequential``)."""
+    return _apply(model, _shrink_sequential)
+
+
+def neurons_per_layer(network: nn.Module) -> list[int]:
     """Units per layer as Table 5 prints them.
 
     Each convolution contributes its output channels, each linear layer its
     input features (after :func:`shrink`, the inputs it reads); a network without convolutions
     also lists the classifier's outputs (784-500-300-10 vs 20-50-800-500).
     """
-    counts = [
-        m.out_channels if isinstance(m, nn.Conv2d) else m.in_features
-        for m in network
-        if isinstance(m, _WEIGHT)
-    ]
-    linears = [m for m in network if isinstance(m, nn.Linear)]
-    if linears and not any(isinstance(m, nn.Conv2d) for m in network):
+    layers = [m for m in network.modules() if isinstance(m, _WEIGHT)]
+    counts = [m.out_channels if isinstance(m, nn.Conv2d) else m.in_features for m in layers]
+    linears = [m for m in layers if isinstance(m, nn.Linear)]
+    if linears and len(linears) == len(layers):
         counts.append(linears[-1].out_features)
     return counts

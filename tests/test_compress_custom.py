@@ -1,0 +1,175 @@
+"""Shrinking and exporting a user's own converted model (not one Sequential)."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from vbdropout import compression_report
+from vbdropout.cli import main
+from vbdropout.compress.export import export_compressed, load_shrunk, load_sparse
+from vbdropout.compress.shrink import shrink_with_parts
+
+USER_NET = '''
+import torch
+from torch import nn
+
+import vbdropout
+
+
+class UserNet(nn.Module):
+    """A two-branch convnet: a conv trunk, a side branch added in forward, an MLP head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 6, 3), nn.ReLU()
+        )
+        self.side = nn.Conv2d(3, 6, 5, stride=2)
+        self.norm = nn.BatchNorm2d(6)
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(6 * 3 * 3, 40), nn.ReLU(), nn.Linear(40, 5)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.trunk(x) + self.side(x)[..., :3, :3]))
+
+
+def build() -> nn.Module:
+    return vbdropout.convert(UserNet(), "vbd")
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """The user's model file, importable as ``user_net`` from the working directory."""
+    (tmp_path / "user_net.py").write_text(textwrap.dedent(USER_NET))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    import user_net
+
+    yield importlib.reload(user_net)
+
+
+def trained(user_module, seed=0):
+    """The converted model with pruned weights, units never read and BatchNorm statistics."""
+    torch.manual_seed(seed)
+    model = user_module.build()
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "log_sigma2"):
+                m.log_sigma2.copy_(torch.where(torch.rand_like(m.weight) < 0.6, 10.0, -20.0))
+        model.trunk[0].log_sigma2[:3] = 10.0  # 3 trunk channels never written → constants
+        model.head[3].log_sigma2[:, 25:] = 10.0  # 15 hidden units never read
+        model.norm.running_mean.uniform_(-0.5, 0.5)
+        model.norm.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_shrink_replaces_the_supported_parts_and_keeps_the_function(user_module):
+    model = trained(user_module)
+    x = torch.randn(16, 3, 12, 12)
+    small, parts = shrink_with_parts(model)
+    assert parts == ["trunk", "head"]
+    assert type(small) is user_module.UserNet, "the user's forward still runs"
+    assert small.trunk[0].out_channels == 5 and small.head[-1].in_features <= 25
+    assert isinstance(small.norm, nn.BatchNorm2d) and small.side.weight.shape == (6, 3, 5, 5)
+    assert torch.allclose(small(x), model(x), atol=1e-5)
+    count = sum(p.numel() for p in small.parameters())
+    assert count < sum(
+        m.weight.numel() + m.bias.numel() for m in model.modules() if hasattr(m, "log_sigma2")
+    )
+    assert compression_report(model).layers[0].name == "trunk.0"
+
+
+def test_sequential_with_an_unsupported_layer_is_shrunk_in_parts():
+    model = nn.Sequential(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)), nn.Tanh())
+    with torch.no_grad():
+        model[0][0].weight[:3] = 0.0
+        model[0][0].bias[:3] = 0.0
+    small, parts = shrink_with_parts(model)
+    assert parts == ["0"] and small[0][0].out_features == 5
+    x = torch.randn(3, 6)
+    assert torch.allclose(small(x), model(x), atol=1e-6)
+
+
+def test_exported_custom_model_gives_the_same_outputs(tmp_path, user_module):
+    model = trained(user_module)
+    x = torch.randn(8, 3, 12, 12)
+    reference = model(x)
+    out = tmp_path / "export"
+    report = export_compressed(model, out, (3, 12, 12))
+    assert report["shrunk_parts"] == ["trunk", "head"]
+    assert report["input_normalization"]["mean"] is None
+    fresh = user_module.build()  # the user's code, untrained values
+    assert torch.allclose(
+        load_shrunk(out / "shrunk.safetensors", like=fresh)(x), reference, atol=1e-5
+    )
+    assert torch.allclose(
+        load_sparse(out / "sparse.safetensors", like=fresh)(x), reference, atol=1e-5
+    )
+    with open(out / "shrunk.pt", "rb") as f:
+        program = torch.export.load(f).module()
+    assert torch.allclose(program(x), reference, atol=1e-5)
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(out / "shrunk.onnx"))
+    onnx_out = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    assert torch.allclose(onnx_out, reference, atol=1e-4)
+    with pytest.raises(ValueError, match="custom model .*UserNet.*like="):
+        load_shrunk(out / "shrunk.safetensors")
+    assert report["parameters"]["shrunk"] < report["parameters"]["dense"]
+    assert report["macs"]["shrunk"] < report["macs"]["dense"]
+
+
+def test_sparse_file_stores_every_conv_and_linear_weight_as_csr(tmp_path, user_module):
+    from safetensors.torch import load_file
+
+    model = trained(user_module)
+    report = export_compressed(model, tmp_path, (3, 12, 12))
+    tensors = load_file(tmp_path / "sparse.safetensors")
+    values = {k.removesuffix(".values"): v for k, v in tensors.items() if k.endswith(".values")}
+    assert sorted(values) == ["head.1", "head.3", "side", "trunk.0", "trunk.3"]
+    assert sum(int(torch.count_nonzero(v)) for v in values.values()) == report["weights"]["nonzero"]
+    assert "norm.running_var" in tensors and "side.weight" not in tensors
+
+
+def test_compress_command_with_a_factory(tmp_path, user_module, capsys):
+    model = trained(user_module)
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "model.pt")
+    argv = ["compress", "model.pt", "--factory", "user_net:build", "--out", "export"]
+    assert main([*argv, "--input-shape", "3,12,12", "--mean", "0.5,0.5,0.5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["source"] == {"checkpoint": "model.pt", "factory": "user_net:build"}
+    assert report["input_normalization"]["mean"] == [0.5, 0.5, 0.5]
+    x = torch.randn(4, 3, 12, 12)
+    small = load_shrunk(tmp_path / "export" / "shrunk.safetensors", like=user_module.build())
+    assert torch.allclose(small(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--factory", "user_net:build"], "--factory needs --input-shape"),
+        (["--factory", "user_net", "--input-shape", "3,12,12"], "package.module:function"),
+        (["--factory", "no_such_module:build", "--input-shape", "3,12,12"], "cannot import"),
+        (["--factory", "user_net:nothing", "--input-shape", "3,12,12"], "has no attribute"),
+        (["--factory", "user_net:UserNet", "--input-shape", "3,12,12"], "does not fit the model"),
+        (["--input-shape", "3,12,12"], "go with --factory"),
+    ],
+)
+def test_compress_command_errors(tmp_path, user_module, capsys, extra, message):
+    torch.save(trained(user_module).state_dict(), tmp_path / "model.pt")
+    assert main(["compress", "model.pt", "--out", "export", *extra]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "export").exists()
+
+
+def test_bad_input_shape_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "m.pt", "--out", "o", "--factory", "a:b", "--input-shape", "3,x"])
+    assert exit_info.value.code == 2
+    assert "comma-separated ints" in capsys.readouterr().err
