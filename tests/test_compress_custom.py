@@ -97,6 +97,48 @@ def test_sequential_with_an_unsupported_layer_is_shrunk_in_parts():
     assert torch.allclose(small(x), model(x), atol=1e-6)
 
 
+def test_channels_before_an_adaptive_pool_are_removed_and_export_round_trips(tmp_path):
+    from vbdropout import Conv2dVBD, LinearVBD
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Conv2dVBD(3, 8, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        LinearVBD(32, 6),
+    )
+    with torch.no_grad():
+        model[0].log_sigma2[:2] = 10.0  # channels 0, 1 never written: constant relu(bias)
+        model[5].log_sigma2[:, 8:12] = 10.0  # channel 2 never read
+    model.eval()
+    x = torch.randn(5, 3, 12, 12)
+    small = shrink_with_parts(model)[0]
+    assert small[0].out_channels == 5 and small[-1].in_features == 20
+    assert torch.allclose(small(x), model(x), atol=1e-5)
+    export_compressed(model, tmp_path, (3, 12, 12))
+    assert torch.allclose(load_shrunk(tmp_path / "shrunk.safetensors")(x), model(x), atol=1e-5)
+    assert torch.allclose(load_sparse(tmp_path / "sparse.safetensors")(x), model(x), atol=1e-5)
+
+
+def test_a_model_that_onnx_cannot_express_is_exported_without_it(tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Unsupported: ONNX export of operator frobnicate\nmore detail")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    (tmp_path / "shrunk.onnx").write_bytes(b"from an earlier export")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    with pytest.warns(UserWarning, match="frobnicate"):
+        report = export_compressed(model, tmp_path, (4,))
+    assert report["onnx"] == "not written: Unsupported: ONNX export of operator frobnicate"
+    assert "shrunk.onnx" not in report["files"] and not (tmp_path / "shrunk.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert "shrunk.onnx: not written: Unsupported" in (tmp_path / "report.md").read_text()
+
+
 def test_exported_custom_model_gives_the_same_outputs(tmp_path, user_module):
     model = trained(user_module)
     x = torch.randn(8, 3, 12, 12)

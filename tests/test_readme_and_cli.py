@@ -12,7 +12,8 @@ from vbdropout.cli import main
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_examples_run():
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the examples write files
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 2, "README.md must contain the python examples"
     namespace: dict = {}
@@ -21,6 +22,8 @@ def test_readme_python_examples_run():
     exec(compile(blocks[1], str(README), "exec"), namespace)
     assert namespace["loss"].dim() == 0
     assert type(namespace["plain"][4]) is torch.nn.Linear
+    assert (tmp_path / "export" / "mynet" / "shrunk.pt").is_file()
+    assert namespace["report"]["shrunk_parts"] == "whole model"
 
 
 def test_demo_json_is_the_last_line(capsys):

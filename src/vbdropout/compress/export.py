@@ -7,7 +7,8 @@ Files written by :func:`export_compressed` into an output directory:
   vbdropout code);
 - ``shrunk.safetensors`` — its weights with the architecture in the metadata;
   :func:`load_shrunk` rebuilds the plain ``nn.Sequential``;
-- ``shrunk.onnx`` — when the ``onnx`` package is installed;
+- ``shrunk.onnx`` — when the ``onnx`` package is installed and the exporter can
+  express the model (otherwise the report's ``onnx`` entry says why not);
 - ``sparse.safetensors`` — the unshrunk pruned weights in CSR form
   (``crow_indices``, ``col_indices``, ``values`` per layer; convolutions as
   out × (in·kh·kw) matrices); :func:`load_sparse` runs sparse inference;
@@ -76,7 +77,15 @@ def _spec(network: nn.Sequential) -> list[dict[str, Any]]:
                 }
             )
         elif isinstance(m, nn.MaxPool2d):
-            spec.append({"type": "maxpool2d", "kernel_size": m.kernel_size, "stride": m.stride})
+            spec.append(
+                {
+                    "type": "maxpool2d",
+                    **{k: getattr(m, k) for k in ("kernel_size", "stride", "padding", "dilation")},
+                    "ceil_mode": m.ceil_mode,
+                }
+            )
+        elif isinstance(m, nn.AdaptiveAvgPool2d):
+            spec.append({"type": "adaptive_avgpool2d", "output_size": m.output_size})
         elif isinstance(m, nn.ReLU):
             spec.append({"type": "relu"})
         elif isinstance(m, nn.Flatten):
@@ -99,7 +108,14 @@ def _build(spec: list[dict[str, Any]]) -> nn.Sequential:
             conv = nn.Conv2d(s["in"], s["out"], tuple(s["kernel_size"]), bias=s["bias"], **geometry)
             layers.append(conv)
         elif kind == "maxpool2d":
-            layers.append(nn.MaxPool2d(s["kernel_size"], s["stride"]))
+            geometry = {k: s.get(k, d) for k, d in (("padding", 0), ("dilation", 1))}
+            pool = nn.MaxPool2d(
+                s["kernel_size"], s["stride"], ceil_mode=s.get("ceil_mode", False), **geometry
+            )
+            layers.append(pool)
+        elif kind == "adaptive_avgpool2d":
+            size = s["output_size"]
+            layers.append(nn.AdaptiveAvgPool2d(tuple(size) if isinstance(size, list) else size))
         elif kind == "relu":
             layers.append(nn.ReLU())
         elif kind == "flatten":
@@ -129,7 +145,7 @@ def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, st
 
 
 def _architecture_metadata(model: nn.Module, parts: list[str]) -> dict[str, str]:
-    if not parts and isinstance(model, nn.Sequential):
+    if parts == [""]:  # the whole model is one plain Sequential
         return {"architecture": json.dumps(_spec(model))}
     specs = {name: _spec(model.get_submodule(name)) for name in parts}
     return {"parts": json.dumps(specs), "model_class": type(model).__qualname__}
@@ -284,6 +300,33 @@ def _write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[st
     atomic_write_bytes(path, _safetensors().save(tensors, metadata=metadata))
 
 
+def _write_onnx(model: nn.Module, example: Tensor, path: Path) -> str | None:
+    """Write ``model`` as ONNX; returns why not when onnx is missing or cannot express it."""
+    if find_spec("onnx") is None:
+        return 'not written: pip install "vbdropout[export]" for ONNX'
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                dynamo=False,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
+    except Exception as err:  # the exporter raises many types for unsupported operators
+        tmp.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # never leave a stale file from an earlier export
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        warnings.warn(f"shrunk.onnx not written: {first_line}", stacklevel=3)
+        return f"not written: {first_line}"
+    os.replace(tmp, path)
+    return None
+
+
 def export_compressed(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
@@ -319,20 +362,8 @@ def export_compressed(
     torch.export.save(program, buffer)
     atomic_write_bytes(out / "shrunk.pt", buffer.getvalue())
     files = ["shrunk.pt", "shrunk.safetensors", "sparse.safetensors"]
-    if find_spec("onnx") is not None:
-        tmp = out / ".shrunk.onnx.tmp"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                small,
-                (example,),
-                str(tmp),
-                dynamo=False,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            )
-        os.replace(tmp, out / "shrunk.onnx")
+    onnx_problem = _write_onnx(small, example, out / "shrunk.onnx")
+    if onnx_problem is None:
         files.append("shrunk.onnx")
 
     weights = compression_report(model)
@@ -346,7 +377,7 @@ def export_compressed(
             "pixels": "scaled to [0, 1]",
         },
         "input_shape": list(input_shape),
-        "shrunk_parts": small_parts if small_parts else "whole model",
+        "shrunk_parts": "whole model" if small_parts == [""] else small_parts,
         "compression_ratio": weights.to_dict()["compression_ratio"],
         "sparsity_per_layer": weights.sparsity_per_layer(),
         "weights": weights.to_dict(),
@@ -358,6 +389,8 @@ def export_compressed(
         "macs": {"dense": macs(dense, input_shape), "shrunk": macs(small, input_shape)},
         "files": {name: (out / name).stat().st_size for name in files},
     }
+    if onnx_problem is not None:
+        report["onnx"] = onnx_problem
     atomic_write_json(out / "report.json", report)
     atomic_write_bytes(out / "report.md", format_report(report).encode())
     return report
@@ -387,6 +420,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"- input normalization: (x − {report['input_normalization']['mean']}) / "
         f"{report['input_normalization']['std']} on pixels in [0, 1]",
         f"- shrunk: {_parts_text(report['shrunk_parts'])}",
+        *([f"- shrunk.onnx: {report['onnx']}"] if "onnx" in report else []),
         "",
         "| file | bytes |",
         "|---|---|",

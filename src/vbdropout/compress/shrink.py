@@ -9,7 +9,8 @@ float rounding):
 2. :func:`fold_scales` — every scale is multiplied into the weight layer it
    touches (a scale on a convolution's output into that convolution's rows and
    bias, a scale on a linear layer's input into its columns);
-3. between two consecutive weight layers A → (ReLU | MaxPool2d | Flatten)* → B,
+3. between two consecutive weight layers A → (ReLU | MaxPool2d | AdaptiveAvgPool2d |
+   Flatten)* → B,
    a unit of A is removed when B never reads it (its columns in B are zero),
    or when A never writes it (its row in A is zero): then the unit outputs the
    constant f(bias), which is folded into B's bias exactly (B linear, or B a
@@ -18,8 +19,8 @@ float rounding):
    :class:`~vbdropout.nn.deterministic.InputSelect`.
 
 Steps 3–4 repeat until nothing changes. Supported: ``Sequential`` networks of
-Linear, Conv2d (groups = 1), ReLU, MaxPool2d, Flatten, Dropout/Identity — the
-shape of every network in :mod:`vbdropout.models`.
+Linear, Conv2d (groups = 1), ReLU, MaxPool2d, AdaptiveAvgPool2d, Flatten,
+Dropout/Identity — the shape of every network in :mod:`vbdropout.models`.
 
 Any other model (a user's network after :func:`vbdropout.convert`, or a
 ``Sequential`` with layers outside that list) is made
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 _WEIGHT = (nn.Linear, nn.Conv2d)
-_BETWEEN = (nn.ReLU, nn.MaxPool2d, nn.Flatten)
+_BETWEEN = (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)
 
 
 def _flat_layers(module: nn.Module) -> list[nn.Module]:
@@ -64,8 +65,9 @@ def _check_supported(layers: list[nn.Module]) -> None:
     for m in layers:
         if not isinstance(m, (*_WEIGHT, *_BETWEEN, Scale, InputSelect)):
             raise ValueError(
-                "shrink supports sequential networks of Linear, Conv2d, ReLU, MaxPool2d and "
-                f"Flatten layers (and vbdropout's noise layers); found {type(m).__name__}"
+                "shrink supports sequential networks of Linear, Conv2d, ReLU, MaxPool2d, "
+                "AdaptiveAvgPool2d and Flatten layers (and vbdropout's noise layers); "
+                f"found {type(m).__name__}"
             )
         if isinstance(m, nn.Conv2d) and m.groups != 1:
             raise ValueError("shrink does not support grouped convolutions")
@@ -232,7 +234,7 @@ def _apply(model: nn.Module, transform: _Transform) -> tuple[nn.Module, list[str
     """``transform`` of a supported sequential model, else of every supported part of the model."""
     if isinstance(model, nn.Sequential):
         try:
-            return transform(model), []
+            return transform(model), [""]  # "": the model itself
         except ValueError:
             pass
     plain = to_deterministic(model)
@@ -268,8 +270,8 @@ def shrink(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def shrink_with_parts(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """:func:`shrink` and the qualified names of the parts it replaced (none when it
-    shrank the whole model as one ``Sequential``)."""
+    """:func:`shrink` and the qualified names of the parts it replaced (``[""]`` when
+    it shrank the whole model as one ``Sequential``)."""
     return _apply(model, _shrink_sequential)
 
 
