@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vbdropout import Conv1dVBD, Conv2dVBD, Conv3dVBD, LinearVBD, mc_sampling
-from vbdropout.nn import LOG_ALPHA_RANGE
+from vbdropout.nn import LOG_ALPHA_RANGE, StructuredBayesianPruning, StructuredVBD
 
 
 def spread_log_sigma2(layer, gen):
@@ -292,6 +292,26 @@ def test_eval_weight_cache_follows_every_change():
         out = layer(x)
     out.sum().backward()
     assert layer.weight.grad is not None, "evaluation with autograd still differentiates"
+
+
+@pytest.mark.parametrize("layer_class", [LinearVBD, StructuredVBD, StructuredBayesianPruning])
+def test_eval_cache_follows_a_fused_optimizer_step(layer_class):
+    """torch's fused Adam updates parameters without bumping their version counters."""
+    torch.manual_seed(7)
+    layer = layer_class(5, 5) if layer_class is LinearVBD else layer_class(5)
+    x = torch.randn(4, 5)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.5, fused=True)
+    with torch.no_grad():
+        before = layer.eval()(x)
+    layer.train()(x).pow(2).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = layer.eval()(x)
+        assert not torch.equal(after, before)
+        if layer_class is LinearVBD:
+            assert torch.equal(after, F.linear(x, layer.masked_weight(), layer.bias))
+        else:
+            assert torch.equal(after, x * layer.multiplier())
 
 
 def test_log_alpha_parameterization_learns_log_alpha_per_weight():

@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+_optimizer_steps = [0]  # steps taken by any torch optimizer in this process
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def state_key(tensors: Iterable[Tensor]) -> tuple[int, ...]:
+    """A cache key that changes whenever one of ``tensors`` may have changed.
+
+    Made of every tensor's in-place version counter and storage address, and the
+    number of torch optimizer steps taken in this process: torch's fused
+    optimizers (``Adam(fused=True)``) update parameters without bumping their
+    version counters.
+    """
+    key = [_optimizer_steps[0]]
+    for t in tensors:
+        key += (t._version, t.data_ptr())
+    return tuple(key)
 
 
 class StochasticModule(nn.Module):

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..priors import LOG_ALPHA_RANGE, Prior, get_prior
-from .base import VariationalModule
+from .base import VariationalModule, state_key
 from .geometry import layer_like
 
 __all__ = [
@@ -187,19 +187,13 @@ class GaussianWeight(VariationalModule):
     def _eval_weight(self) -> Tensor:
         """:meth:`masked_weight`, cached across evaluation forwards without autograd.
 
-        The cache is keyed on the parameters' in-place version counters (an
-        optimizer step or ``load_state_dict`` bumps them) and the threshold.
+        The cache is keyed on the parameters' state (:func:`~.base.state_key`: an
+        optimizer step or ``load_state_dict`` changes it) and the threshold.
         """
         if torch.is_grad_enabled():
             return self.masked_weight()
         variance = self.log_sigma2 if self.additive else self.log_alpha_param
-        key = (
-            self.weight._version,
-            self.weight.data_ptr(),
-            variance._version,
-            variance.data_ptr(),
-            self.threshold,
-        )
+        key = (*state_key((self.weight, variance)), self.threshold)
         cached = self.__dict__.get("_eval_cache")
         if cached is None or cached[0] != key:
             cached = (key, self.masked_weight())

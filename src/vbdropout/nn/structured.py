@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.special import log_ndtr, ndtr, ndtri
 
 from ..priors import Prior, get_prior
-from .base import VariationalModule
+from .base import VariationalModule, state_key
 from .deterministic import Scale
 from .gaussian import _validate_threshold
 
@@ -76,12 +76,12 @@ class UnitNoise(VariationalModule):
     def _eval_multiplier(self) -> Tensor:
         """:meth:`multiplier`, cached across evaluation forwards without autograd.
 
-        Keyed on the parameters' in-place version counters and storage, and on
-        the pruning thresholds.
+        Keyed on the parameters' state (:func:`~.base.state_key`) and on the
+        pruning thresholds.
         """
         if torch.is_grad_enabled():
             return self.multiplier()
-        key = tuple((p._version, p.data_ptr()) for p in self.parameters(recurse=False))
+        key = state_key(self.parameters(recurse=False))
         key += (getattr(self, "threshold", None), getattr(self, "snr_threshold", None))
         cached = self.__dict__.get("_eval_cache")
         if cached is None or cached[0] != key:
