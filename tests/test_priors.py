@@ -130,3 +130,6 @@ def test_exact_additive_hierarchical_kl_matches_the_log_alpha_route():
     prior.kl_sum_additive(t, s).backward()
     expected_ds = -0.5 * theta**2 / (theta**2 + log_sigma2.exp())
     assert torch.allclose(s.grad, expected_ds, atol=1e-12)
+    assert torch.allclose(t.grad, theta / (theta**2 + log_sigma2.exp()), atol=1e-12)
+    small_t, small_s = t[:6, :5].detach().requires_grad_(), s[:6, :5].detach().requires_grad_()
+    assert torch.autograd.gradcheck(prior.kl_sum_additive, (small_t, small_s))

@@ -19,7 +19,7 @@ elementwise to KL(q(w) || p(w)) per weight, in nats, and may cap α.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -97,11 +97,36 @@ class HierarchicalPrior(Prior):
     def kl_sum_additive(self, theta: Tensor, log_sigma2: Tensor) -> Tensor:
         """Σ ½·log(1 + θ²/σ²) = Σ ½·(log(θ² + σ²) − log σ²), exact (no clip of log α).
 
-        Five elementwise passes instead of the ten of the log-α route; the tiny
-        constant keeps the log finite when θ = 0 and σ² underflows.
+        With the hand-written gradients of :class:`_HierarchicalKLSum`: about half
+        the elementwise passes over the weights of autograd's version.
         """
-        total = torch.addcmul(log_sigma2.exp(), theta, theta).clamp_min(1e-30)
+        return _HierarchicalKLSum.apply(theta, log_sigma2)
+
+
+class _HierarchicalKLSum(torch.autograd.Function):
+    """KL = ½·Σ(log t − log σ²) with t = θ² + σ², σ² = exp(log σ²).
+
+    Gradients: ∂KL/∂θ = θ/t, ∂KL/∂log σ² = ½·σ²/t − ½ = −½·θ·(θ/t). The tiny
+    floor on t keeps the log finite when θ = 0 and σ² underflows (its gradients
+    are then 0, as above).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, theta: Tensor, log_sigma2: Tensor) -> Tensor:
+        total = torch.addcmul(log_sigma2.exp(), theta, theta).clamp_min_(1e-30)
+        ctx.save_for_backward(theta, total)
         return 0.5 * (total.log().sum() - log_sigma2.sum())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        theta, total = ctx.saved_tensors
+        ratio = torch.div(theta, total)  # θ/t
+        grad_theta = ratio * grad if ctx.needs_input_grad[0] else None
+        grad_log_sigma2 = None
+        if ctx.needs_input_grad[1]:
+            grad_log_sigma2 = ratio.mul_(theta).mul_(-0.5 * grad)
+        return grad_theta, grad_log_sigma2
 
 
 class LogUniformPrior(Prior):
