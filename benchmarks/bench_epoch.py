@@ -23,7 +23,7 @@ import torch
 from vbdropout.data import iterate_batches, load_dataset
 from vbdropout.models import build_model
 from vbdropout.train.checkpoint import save_checkpoint
-from vbdropout.train.loop import evaluate, train_epoch
+from vbdropout.train.loop import evaluate, make_adam, train_epoch
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     for method in ("none", "vbd"):
         torch.manual_seed(0)
         model = build_model("lenet300_100", method)
-        models[method] = (model, torch.optim.Adam(model.parameters(), lr=1e-3))
+        models[method] = (model, make_adam(model.parameters(), 1e-3))
     generator = torch.Generator().manual_seed(0)
     samples: dict[str, list[float]] = {
         "none": [],

@@ -31,6 +31,7 @@ from torch import nn
 
 from vbdropout import kl_divergence
 from vbdropout.models import build_model
+from vbdropout.train.loop import make_adam
 
 N_TRAIN = 60_000
 
@@ -152,8 +153,7 @@ def time_steps(model: str, batch: int, rounds: int, steps: int) -> dict[str, flo
     built = {}
     for name, make in variants(model).items():
         net, loss = make()
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        built[name] = (net.train(), loss, opt)
+        built[name] = (net.train(), loss, make_adam(net.parameters(), 1e-3))
 
     def run(name: str, n: int) -> float:
         net, loss, opt = built[name]
@@ -224,7 +224,7 @@ def peak_memory(model: str, batch: int, name: str) -> float:
     from torch.profiler import ProfilerActivity, profile
 
     net, loss = variants(model)[name]()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt = make_adam(net.parameters(), 1e-3)
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
 
     def step() -> None:

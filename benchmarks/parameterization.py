@@ -20,7 +20,7 @@ from vbdropout.compress import compression_report
 from vbdropout.data import load_dataset
 from vbdropout.models import build_model
 from vbdropout.nn import LinearVBD
-from vbdropout.train.loop import evaluate, train_epoch
+from vbdropout.train.loop import evaluate, make_adam, train_epoch
 from vbdropout.train.schedules import kl_weight, lr_factor
 
 
@@ -39,7 +39,7 @@ def run(parameterization: str, epochs: int, data, seed: int) -> list[dict]:
                 fresh.weight.data.copy_(layer.weight.data)
                 fresh.bias.data.copy_(layer.bias.data)
                 model[i] = fresh
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = make_adam(model.parameters(), 1e-3)
     decay = epochs // 2
     warmup = (-(-5 * epochs // 200), -(-20 * epochs // 200))
     generator = torch.Generator().manual_seed(seed)

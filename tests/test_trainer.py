@@ -260,3 +260,26 @@ def test_a_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path, sha
     del state["config"]["nproc"]  # written by a version without --nproc
     torch.save(state, tmp_path / "run" / "checkpoint.pt")
     assert train(config, resume=True, progress=False)["epochs"] == 1
+
+
+def test_make_adam_is_fused_on_cpu_and_follows_torch_adam():
+    from vbdropout.train.loop import make_adam
+
+    torch.manual_seed(0)
+    start = [torch.randn(30, 20), torch.randn(20)]
+    ours = [p.clone().requires_grad_() for p in start]
+    reference = [p.clone().requires_grad_() for p in start]
+    fused = make_adam(ours, 1e-2)
+    assert fused.defaults["fused"] is True
+    plain = torch.optim.Adam(reference, lr=1e-2, foreach=False)
+    for _ in range(20):
+        for params, opt in ((ours, fused), (reference, plain)):
+            opt.zero_grad()
+            (params[0].sin().sum() + (params[1] ** 2).sum()).backward()
+            opt.step()
+    for a, b in zip(ours, reference, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.equal(ours[0], start[0])
+    assert make_adam([torch.zeros(2, dtype=torch.float64, requires_grad=True)], 0.1).defaults[
+        "fused"
+    ]

@@ -15,7 +15,7 @@ import torch
 from .compress import compression_report
 from .data import load_dataset
 from .models import build_model
-from .train.loop import evaluate, train_epoch
+from .train.loop import evaluate, make_adam, train_epoch
 from .train.progress import ProgressBar
 from .train.schedules import kl_weight
 
@@ -32,7 +32,7 @@ def run_demo(
     for method in ("vbd", "none"):
         torch.manual_seed(seed)
         model = build_model("lenet300_100", method, input_shape=data.input_shape)
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        optimizer = make_adam(model.parameters(), lr)
         generator = torch.Generator().manual_seed(seed)
         bar = ProgressBar(epochs, f"{method:>4}", enabled=None if progress else False)
         start = time.perf_counter()

@@ -15,7 +15,7 @@ from ..data import iterate_batches
 from ..losses import ElboTerms, elbo_terms
 from ..nn.base import mc_sampling
 
-__all__ = ["DivergenceError", "evaluate", "train_epoch"]
+__all__ = ["DivergenceError", "evaluate", "make_adam", "train_epoch"]
 
 
 class DivergenceError(FloatingPointError, RuntimeError):
@@ -23,6 +23,22 @@ class DivergenceError(FloatingPointError, RuntimeError):
 
     Also a :class:`RuntimeError`, so that the command line reports it as a one-line error.
     """
+
+
+def make_adam(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam as every vbdropout training loop uses it: torch's fused kernel where it exists.
+
+    The same update rule as the default implementation in one pass per parameter
+    instead of about ten (measured on LeNet-300-100, batch 100: the optimizer's
+    share of a VBD step, whose parameters are twice a plain net's, shrinks most).
+    Fused Adam needs floating-point parameters on CPU or CUDA; otherwise the
+    default implementation is used.
+    """
+    params = list(params)
+    fused = bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params
+    )
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
 def _first_nonfinite(named: Iterable[tuple[str, Tensor | None]]) -> str | None:

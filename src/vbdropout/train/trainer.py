@@ -54,7 +54,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, TrainConfig, resolve_config, to_toml
-from .loop import DivergenceError, evaluate, train_epoch
+from .loop import DivergenceError, evaluate, make_adam, train_epoch
 from .progress import ProgressBar
 from .schedules import kl_weight, lr_factor
 
@@ -336,7 +336,7 @@ def _train_locked(
     if world.size > 1:
         torch.manual_seed(config.seed + world.rank)  # independent noise in every worker
         trained = nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = make_adam(model.parameters(), config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: lr_factor(e, config.epochs, config.lr_decay_start)
     )
