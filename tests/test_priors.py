@@ -10,6 +10,7 @@ from vbdropout.priors import (
     HierarchicalPrior,
     KingmaLogUniformPrior,
     LogUniformPrior,
+    Prior,
     get_prior,
 )
 
@@ -120,7 +121,7 @@ def test_exact_additive_hierarchical_kl_matches_the_log_alpha_route():
     # inside the clip range the generic (clipped) route agrees with it as well
     raw = log_sigma2 - torch.log(theta**2)
     inside = (raw > -8) & (raw < 8)
-    generic = LogUniformPrior.kl_sum_additive(prior, theta[inside], log_sigma2[inside])
+    generic = Prior.kl_sum_additive(prior, theta[inside], log_sigma2[inside])
     assert generic.item() == pytest.approx(
         prior.kl_sum_additive(theta[inside], log_sigma2[inside]).item(), rel=1e-6
     )
@@ -133,3 +134,28 @@ def test_exact_additive_hierarchical_kl_matches_the_log_alpha_route():
     assert torch.allclose(t.grad, theta / (theta**2 + log_sigma2.exp()), atol=1e-12)
     small_t, small_s = t[:6, :5].detach().requires_grad_(), s[:6, :5].detach().requires_grad_()
     assert torch.autograd.gradcheck(prior.kl_sum_additive, (small_t, small_s))
+
+
+def test_log_uniform_additive_kl_matches_autograd_of_the_clipped_route():
+    gen = torch.Generator().manual_seed(4)
+    theta = torch.randn(60, 30, generator=gen, dtype=torch.float64)
+    theta[0, :5] = 0.0
+    # log α spans both clip ends and the inside
+    log_sigma2 = torch.empty(60, 30, dtype=torch.float64).uniform_(-16, 6, generator=gen)
+    prior = LogUniformPrior()
+    fast = [theta.clone().requires_grad_(), log_sigma2.clone().requires_grad_()]
+    slow = [theta.clone().requires_grad_(), log_sigma2.clone().requires_grad_()]
+    value = prior.kl_sum_additive(*fast)
+    expected = prior.kl(prior.clip(slow[1] - torch.log(slow[0] ** 2 + 1e-8))).sum()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-12)
+    (3.0 * value).backward()
+    (3.0 * expected).backward()
+    clipped = ((log_sigma2 - torch.log(theta**2 + 1e-8)).abs() > 8).sum()
+    assert 0 < clipped < theta.numel(), "the check covers clipped and free weights"
+    assert torch.allclose(fast[0].grad, slow[0].grad, atol=1e-12)
+    assert torch.allclose(fast[1].grad, slow[1].grad, atol=1e-12)
+    inside = [t[5:10, :6].detach().clone() for t in (theta, log_sigma2)]
+    inside[1] = torch.log(inside[0] ** 2 + 1e-8) + torch.linspace(-6, 6, 30).view(5, 6).double()
+    assert torch.autograd.gradcheck(
+        prior.kl_sum_additive, tuple(t.requires_grad_() for t in inside)
+    )

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..priors import LOG_ALPHA_RANGE, Prior, get_prior
+from ..priors import LOG_ALPHA_RANGE, THETA_EPS, Prior, get_prior
 from .base import VariationalModule, state_key
 from .geometry import layer_like
 
@@ -50,7 +50,6 @@ __all__ = [
     "LinearVBD",
 ]
 
-_THETA_EPS = 1e-8
 _VAR_EPS = 1e-8
 AlphaPer = Literal["weight", "unit", "layer"]
 
@@ -155,7 +154,7 @@ class GaussianWeight(VariationalModule):
     def log_alpha(self) -> Tensor:
         """Clipped log α, shaped like ``weight`` (per-weight) or broadcastable to it (tied)."""
         if self.additive:
-            raw = self.log_sigma2 - torch.log(self.weight * self.weight + _THETA_EPS)
+            raw = self.log_sigma2 - torch.log(self.weight * self.weight + THETA_EPS)
         else:
             raw = self.log_alpha_param
         return self.prior.clip(raw)
