@@ -62,6 +62,13 @@ def test_table2_runs_end_to_end_on_generated_cifar_files(tmp_path, lenient_data,
         data_dir=str(tmp_path / "data"), epochs=1, train_subset=60, progress=False, device="cpu",
     )  # fmt: skip
     assert [c["test_error"] for c in again["cells"]] == [c["test_error"] for c in result["cells"]]
+    one_row = reproduce(
+        "table2", only="^Ours .* scale 1$", out=tmp_path / "results",
+        data_dir=str(tmp_path / "data"), epochs=1, train_subset=60, progress=False, device="cpu",
+    )  # fmt: skip
+    assert [c["label"] for c in one_row["cells"]] == ["Ours"]
+    markdown = (tmp_path / "results" / "table2-custom-e1-n60.md").read_text()
+    assert "| No Dropout | scale 1 |" in markdown, "rows of earlier runs stay in the table"
 
 
 def test_table3_runs_end_to_end_on_generated_svhn_files(tmp_path, lenient_data, capsys):

@@ -135,6 +135,10 @@ def reproduce(
 ) -> dict[str, Any]:
     """Run every (matching) cell of ``table`` and write its markdown and plots.
 
+    The markdown and plots show every finished cell of the table and budget under
+    ``out``, also those that earlier calls with another ``only`` ran; the returned
+    ``cells`` are the matching ones.
+
     ``epochs``/``train_subset`` override the budget's (a custom, labelled budget).
     """
     if table not in TABLES:
@@ -171,9 +175,10 @@ def reproduce(
             cells.append(cell)
     name = f"{table}.md" if budget == "paper" else f"{table}-{budget}.md"
     out.mkdir(parents=True, exist_ok=True)
-    markdown = table_markdown(spec, budget, cells, skipped)
+    finished = _finished_cells(spec, base)  # also those of earlier runs with other --only
+    markdown = table_markdown(spec, budget, finished, skipped)
     atomic_write_bytes(out / name, markdown.encode())
-    plots = _plots(spec, cells, base)
+    plots = _plots(spec, finished, base)
     return {
         "table": table,
         "budget": budget,
@@ -182,6 +187,15 @@ def reproduce(
         "markdown": str(out / name),
         "plots": plots,
     }
+
+
+def _finished_cells(spec: Table, base: Path) -> list[dict[str, Any]]:
+    """Every finished cell of the table under ``base``, in row order, all seeds."""
+    return [
+        json.loads(path.read_text())
+        for row in spec.rows
+        for path in sorted((base / "cells" / row.key).glob("seed*.json"))
+    ]
 
 
 def _mean_std(values: list[float]) -> str:
