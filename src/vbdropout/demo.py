@@ -26,6 +26,7 @@ def run_demo(
     epochs: int = 200, seed: int = 0, lr: float = 3e-3, batch_size: int = 100, progress: bool = True
 ) -> dict[str, Any]:
     """Train both networks and return the comparison (see the module docstring)."""
+    torch.set_flush_denormal(True)  # as `vbd train` does (see train.trainer.train)
     data = load_dataset("digits")
     results: dict[str, Any] = {"dataset": "sklearn digits", "epochs": epochs, "seed": seed}
     warmup = (epochs // 10, epochs // 3)
