@@ -324,3 +324,27 @@ def test_log_alpha_parameterization_learns_log_alpha_per_weight():
     assert layer.log_alpha_param.grad is not None and layer.weight.grad is not None
     with pytest.raises(ValueError, match="parameterization"):
         LinearVBD(4, 3, parameterization="sigma")
+
+
+def test_noise_for_channels_last_activations_keeps_their_layout_and_distribution():
+    from vbdropout.nn.base import standard_normal_like
+
+    t = torch.empty(64, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(3)
+    noise = standard_normal_like(t)
+    assert noise.shape == t.shape and noise.stride() == t.stride()
+    assert abs(noise.mean().item()) < 0.02 and abs(noise.std().item() - 1) < 0.02  # 5 σ
+    per_channel = noise.mean((0, 2, 3))
+    assert per_channel.abs().max() < 0.06, "channels are not copies of each other"
+    torch.manual_seed(3)
+    assert torch.equal(standard_normal_like(t), noise)
+    plain = torch.empty(5, 4)
+    torch.manual_seed(3)
+    first = standard_normal_like(plain)
+    torch.manual_seed(3)
+    assert torch.equal(first, torch.randn_like(plain)), "contiguous: torch's own draw"
+    strided = torch.empty(6, 8)[:, ::2]  # not dense: falls back to torch's draw
+    assert standard_normal_like(strided).shape == strided.shape
+    conv = Conv2dVBD(8, 4, 3).train()
+    out = conv(torch.randn(64, 8, 12, 12).contiguous(memory_format=torch.channels_last))
+    assert out.shape == (64, 4, 10, 10) and torch.isfinite(out).all()

@@ -34,6 +34,23 @@ def state_key(tensors: Iterable[Tensor]) -> tuple[int, ...]:
     return tuple(key)
 
 
+def standard_normal_like(t: Tensor) -> Tensor:
+    """N(0, 1) noise shaped and strided like ``t``, drawn at the speed of a contiguous draw.
+
+    torch fills a non-contiguous tensor (e.g. channels-last activations) with normal
+    numbers one element at a time, several times slower than its vectorized
+    contiguous path; so a dense ``t`` in any memory order is sampled as the
+    contiguous tensor of its memory layout and then viewed with ``t``'s strides.
+    """
+    if t.is_contiguous():
+        return torch.randn_like(t)
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # outermost first
+    if not t.permute(order).is_contiguous():  # not a dense layout: no fast path
+        return torch.randn_like(t)
+    dense = torch.randn([t.shape[d] for d in order], dtype=t.dtype, device=t.device)
+    return dense.permute([order.index(d) for d in range(t.dim())])
+
+
 class StochasticModule(nn.Module):
     """A module whose forward pass draws noise in training mode.
 

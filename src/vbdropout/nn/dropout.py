@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..priors import Prior, get_prior
-from .base import StochasticModule, VariationalModule
+from .base import StochasticModule, VariationalModule, standard_normal_like
 
 __all__ = [
     "BernoulliDropout",
@@ -122,7 +122,7 @@ class GaussianDropout(_InputNoise):
         if not self.sampling():
             return x
         _check_noise_input(self, x)
-        return x * (1.0 + self.std * torch.randn_like(x))
+        return x * (1.0 + self.std * standard_normal_like(x))
 
 
 class VariationalGaussianDropout(VariationalModule):
@@ -202,7 +202,7 @@ class VariationalGaussianDropout(VariationalModule):
                 f"features/channels in dim 1, got shape {tuple(x.shape)}"
             )
         std = (0.5 * self.log_alpha).exp().view(1, -1, *([1] * (x.dim() - 2)))
-        return x * (1.0 + std * torch.randn_like(x))
+        return x * (1.0 + std * standard_normal_like(x))
 
     def deterministic(self) -> None:
         """Evaluation is the identity (the noise has mean 1)."""

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..priors import LOG_ALPHA_RANGE, THETA_EPS, Prior, get_prior
-from .base import VariationalModule, state_key
+from .base import VariationalModule, standard_normal_like, state_key
 from .geometry import layer_like
 
 __all__ = [
@@ -233,7 +233,7 @@ class GaussianWeight(VariationalModule):
                 theta, sigma2 = theta * mask, sigma2 * mask
             mean = self._apply_weight(x, theta, self.bias)
             var = self._apply_weight(x * x, sigma2, None)
-            out = mean + torch.sqrt(var + _VAR_EPS) * torch.randn_like(mean)
+            out = mean + torch.sqrt(var + _VAR_EPS) * standard_normal_like(mean)
         if self.check_inputs:
             self._check_finite(x, out)
         return out
