@@ -173,7 +173,9 @@ def test_sparse_file_stores_every_conv_and_linear_weight_as_csr(tmp_path, user_m
     model = trained(user_module)
     report = export_compressed(model, tmp_path, (3, 12, 12))
     tensors = load_file(tmp_path / "sparse.safetensors")
-    values = {k.removesuffix(".values"): v for k, v in tensors.items() if k.endswith(".values")}
+    values = {
+        k.removesuffix(".weight.values"): v for k, v in tensors.items() if k.endswith(".values")
+    }
     assert sorted(values) == ["head.1", "head.3", "side", "trunk.0", "trunk.3"]
     assert sum(int(torch.count_nonzero(v)) for v in values.values()) == report["weights"]["nonzero"]
     assert "norm.running_var" in tensors and "side.weight" not in tensors
@@ -215,3 +217,138 @@ def test_bad_input_shape_is_a_usage_error(capsys):
         main(["compress", "m.pt", "--out", "o", "--factory", "a:b", "--input-shape", "3,x"])
     assert exit_info.value.code == 2
     assert "comma-separated ints" in capsys.readouterr().err
+
+
+class Residual(nn.Sequential):
+    """A Sequential subclass with its own forward: must not be shrunk as a chain."""
+
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class Gain(nn.Linear):
+    """A Linear subclass with its own forward."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x) + 1.0
+
+
+class Heads(nn.Module):
+    """A Sequential used as a container of parallel heads, not as a chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(10, 12), nn.ReLU())
+        self.heads = nn.Sequential(nn.Linear(12, 3), nn.Linear(12, 3))
+        self.memory = nn.Module()
+        self.memory.register_buffer("values", torch.ones(3))  # a name the CSR layout uses
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return sum(head(h) for head in self.heads) + self.memory.values
+
+
+class Sequence(nn.Module):
+    """Linear layers applied to (batch, time, features) inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.encode = nn.Linear(10, 8)
+        self.decode = nn.Sequential(nn.ReLU(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.decode(self.encode(x)).mean(1)
+
+
+def _zero_rows(linear, rows):
+    with torch.no_grad():
+        linear.weight[rows] = 0.0
+        if linear.bias is not None:
+            linear.bias[rows] = 0.0
+
+
+def _cases():
+    torch.manual_seed(5)
+    residual = nn.Sequential(
+        Residual(nn.Linear(10, 10), nn.ReLU()), nn.Linear(10, 6), nn.ReLU(), nn.Linear(6, 3)
+    )
+    _zero_rows(residual[0][0], [0, 1])
+    _zero_rows(residual[1], [2])
+    gain = nn.Sequential(nn.Linear(10, 6), nn.ReLU(), Gain(6, 3))
+    _zero_rows(gain[0], [0])
+    heads = Heads()
+    _zero_rows(heads.trunk[0], [0, 1])
+    convs = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding="same"), nn.ReLU(), nn.Conv2d(4, 3, 3, padding_mode="reflect",
+                                                                  padding=1),
+        nn.Flatten(start_dim=2), nn.Linear(16, 5),
+    )  # fmt: skip
+    _zero_rows(convs[0], [0])
+    sequence = Sequence()
+    _zero_rows(sequence.decode[1], [0])
+    return [
+        ("residual", residual, (10,)),
+        ("gain", gain, (10,)),
+        ("heads", heads, (10,)),
+        ("convs", convs, (2, 4, 4)),
+        ("sequence", sequence, (7, 10)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_layers_the_rules_do_not_cover_keep_their_function(tmp_path, case):
+    name, model, shape = _cases()[case]
+    model.train()
+    x = torch.randn(3, *shape)
+    reference = model.eval()(x)
+    model.train()
+    export_compressed(model, tmp_path, shape)
+    assert model.training, "export leaves the caller's model as it was"
+    like = _cases()[case][1]
+    assert torch.allclose(
+        load_shrunk(tmp_path / "shrunk.safetensors", like)(x), reference, atol=1e-5
+    )
+    assert torch.allclose(
+        load_sparse(tmp_path / "sparse.safetensors", like)(x), reference, atol=1e-5
+    )
+    with open(tmp_path / "shrunk.pt", "rb") as f:
+        assert torch.allclose(torch.export.load(f).module()(x), reference, atol=1e-5), name
+
+
+def test_scale_right_after_a_linear_layer_is_folded_into_its_rows():
+    from vbdropout.nn.structured import StructuredVBD
+
+    unit = StructuredVBD(6)
+    with torch.no_grad():
+        unit.log_sigma2[:3] = 5.0  # three units pruned
+    model = nn.Sequential(nn.Linear(4, 6), unit, nn.ReLU(), nn.Linear(6, 2)).eval()
+    small, parts = shrink_with_parts(model)
+    assert parts == [""] and small[0].out_features == 3
+    x = torch.randn(5, 4)
+    assert torch.allclose(small(x), model(x), atol=1e-6)
+
+
+def test_adversarial_dropout_run_exports_as_one_sequential(tmp_path):
+    from vbdropout.models import build_model
+
+    model = build_model("lenet300_100", "adversarial", method_options={"dataset_size": 100})
+    model.eval()
+    report = export_compressed(model, tmp_path, (1, 28, 28))
+    assert report["shrunk_parts"] == "whole model"
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.allclose(load_shrunk(tmp_path / "shrunk.safetensors")(x), model(x), atol=1e-5)
+
+
+def test_report_warns_about_unit_noise_it_cannot_fold():
+    from vbdropout.nn.structured import StructuredVBD
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.gate, self.b = nn.Linear(8, 16), StructuredVBD(16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.gate(self.a(x))) + 1.0)
+
+    with pytest.warns(UserWarning, match=r"unit-noise layers \['gate'\]"):
+        compression_report(Gated())

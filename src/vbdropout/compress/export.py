@@ -23,12 +23,16 @@ A model that is not one supported ``Sequential`` (a user's network after
 parts, and :func:`load_shrunk`/:func:`load_sparse` need the model's own code
 (``like=`` an instance of it, plain, converted or trained) to rebuild the rest;
 ``shrunk.pt`` and ``shrunk.onnx`` never need it. In ``sparse.safetensors``
-every Linear and Conv2d weight is CSR; other state (biases of other layers,
-normalization statistics, Conv1d/3d weights) is stored dense under its own key.
+the weights of plain Linear and zero-padded, ungrouped Conv2d layers are CSR
+(``<layer>.weight.crow_indices/col_indices/values``, listed in the metadata);
+all other state (other layers, normalization statistics) is stored dense under
+its own key. Before anything is written, the shrunk model is checked to give
+the masked model's outputs on a random input.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -194,7 +198,9 @@ class SparseLinear(nn.Module):
         self.weight, self.bias = weight, bias
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.sparse.mm(self.weight, x.t()).t()
+        flat = x.reshape(-1, x.shape[-1])
+        y = torch.sparse.mm(self.weight, flat.t()).t()
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y if self.bias is None else y + self.bias
 
 
@@ -219,22 +225,36 @@ class SparseConv2d(nn.Module):
         return y.reshape(n, s["out"], h, w)
 
 
-def _sparse_tensors(network: nn.Module) -> dict[str, Tensor]:
-    """CSR triples of every Linear/Conv2d weight; every other state entry as it is."""
+def _csr_layers(network: nn.Module) -> list[str]:
+    """Names of the layers stored as CSR: plain Linear and zero-padded, ungrouped Conv2d."""
+    return [
+        name
+        for name, m in network.named_modules()
+        if type(m) is nn.Linear
+        or (
+            type(m) is nn.Conv2d
+            and m.groups == 1
+            and not isinstance(m.padding, str)
+            and m.padding_mode == "zeros"
+        )
+    ]
+
+
+def _sparse_tensors(network: nn.Module, csr_layers: list[str]) -> dict[str, Tensor]:
+    """``<layer>.weight.{crow_indices,col_indices,values}`` per CSR layer; all other state as is."""
     tensors: dict[str, Tensor] = {}
-    in_csr = set()
-    for name, m in network.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "groups", 1) == 1:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                csr = m.weight.detach().reshape(m.weight.shape[0], -1).to_sparse_csr()
-            prefix = f"{name}." if name else ""
-            tensors[f"{prefix}crow_indices"] = csr.crow_indices().to(torch.int32).contiguous()
-            tensors[f"{prefix}col_indices"] = csr.col_indices().to(torch.int32).contiguous()
-            tensors[f"{prefix}values"] = csr.values().contiguous()
-            in_csr.add(f"{prefix}weight")
+    for name in csr_layers:
+        weight = network.get_submodule(name).weight.detach()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            csr = weight.reshape(weight.shape[0], -1).to_sparse_csr()
+        key = f"{name}.weight" if name else "weight"
+        tensors[f"{key}.crow_indices"] = csr.crow_indices().to(torch.int32).contiguous()
+        tensors[f"{key}.col_indices"] = csr.col_indices().to(torch.int32).contiguous()
+        tensors[f"{key}.values"] = csr.values().contiguous()
+    dense_weights = {f"{name}.weight" if name else "weight" for name in csr_layers}
     for key, value in network.state_dict().items():
-        if key not in in_csr:
+        if key not in dense_weights:
             tensors[key] = value.detach().contiguous()
     return tensors
 
@@ -246,19 +266,24 @@ def load_sparse(path: str | os.PathLike[str], like: nn.Module | None = None) -> 
     """
     tensors, metadata = _read(path)
     network = _skeleton(path, metadata, like)
-    for name, module in list(network.named_modules()):
-        prefix = f"{name}." if name else ""
-        if f"{prefix}values" not in tensors:
-            continue
+    for name in json.loads(metadata.get("csr_layers", "[]")):
+        module = network.get_submodule(name)
+        if type(module) not in (nn.Linear, nn.Conv2d):
+            raise ValueError(
+                f"{path}: layer {name!r} is stored as CSR but the model has a "
+                f"{type(module).__name__} there"
+            )
+        key = f"{name}.weight" if name else "weight"
         s = _spec(nn.Sequential(module))[0]
         cols = s["in"] * (math.prod(s["kernel_size"]) if s["type"] == "conv2d" else 1)
         weight = torch.sparse_csr_tensor(
-            tensors.pop(f"{prefix}crow_indices"),
-            tensors.pop(f"{prefix}col_indices"),
-            tensors.pop(f"{prefix}values"),
+            tensors.pop(f"{key}.crow_indices"),
+            tensors.pop(f"{key}.col_indices"),
+            tensors.pop(f"{key}.values"),
             (s["out"], cols),
             check_invariants=True,  # the file may come from elsewhere
         )
+        prefix = f"{name}." if name else ""
         bias = tensors.pop(f"{prefix}bias", None)
         if s["type"] == "linear":
             sparse: nn.Module = SparseLinear(weight, bias)
@@ -303,6 +328,7 @@ def _write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[st
 def _write_onnx(model: nn.Module, example: Tensor, path: Path) -> str | None:
     """Write ``model`` as ONNX; returns why not when onnx is missing or cannot express it."""
     if find_spec("onnx") is None:
+        path.unlink(missing_ok=True)  # never leave a stale file from an earlier export
         return 'not written: pip install "vbdropout[export]" for ONNX'
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -327,6 +353,19 @@ def _write_onnx(model: nn.Module, example: Tensor, path: Path) -> str | None:
     return None
 
 
+@torch.no_grad()
+def _check_same_function(model: nn.Module, small: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Refuse to export a shrunk model whose outputs differ from the masked model's."""
+    x = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(0))
+    reference, got = model(x), small(x)
+    scale = 1.0 + float(reference.abs().max())
+    if got.shape != reference.shape or not torch.allclose(got, reference, atol=1e-4 * scale):
+        raise ValueError(
+            "shrinking changed the model's outputs on a random input (a layer that the "
+            "shrink rules misread); nothing was written. Please report the model's structure."
+        )
+
+
 def export_compressed(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
@@ -341,20 +380,22 @@ def export_compressed(
     mean, std: the input normalization the model was trained with (recorded only).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model = model.cpu().eval()
+    model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where it was
     dense, dense_parts = fold_scales_with_parts(model)
     small, small_parts = shrink_with_parts(model)
     example = torch.zeros(2, *input_shape)
+    _check_same_function(model, small, input_shape)
+    out.mkdir(parents=True, exist_ok=True)
 
     tensors = {k: v.contiguous() for k, v in small.state_dict().items()}
     _write_safetensors(
         out / "shrunk.safetensors", tensors, _architecture_metadata(small, small_parts)
     )
+    csr_layers = _csr_layers(dense)
     _write_safetensors(
         out / "sparse.safetensors",
-        _sparse_tensors(dense),
-        _architecture_metadata(dense, dense_parts),
+        _sparse_tensors(dense, csr_layers),
+        {**_architecture_metadata(dense, dense_parts), "csr_layers": json.dumps(csr_layers)},
     )
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(small, (example,), dynamic_shapes=({0: batch},))

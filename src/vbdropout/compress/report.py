@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,9 +137,18 @@ def compression_report(
             if isinstance(m, (GaussianWeight, StructuredVBD)):
                 m.threshold = threshold
     if any(isinstance(m, UnitNoise) for m in model.modules()):
+        from ..nn.deterministic import Scale
         from .shrink import fold_scales
 
         named = list(fold_scales(model).named_modules())
+        unfolded = [name for name, m in named if isinstance(m, Scale)]
+        if unfolded:
+            warnings.warn(
+                f"unit-noise layers {unfolded} sit outside a chain of layers that their "
+                "multipliers can be folded into: the weights of their pruned units are not "
+                "counted as zero",
+                stacklevel=2,
+            )
     else:
         named = list(model.named_modules())
     layers = []

@@ -51,26 +51,59 @@ __all__ = [
 
 _WEIGHT = (nn.Linear, nn.Conv2d)
 _BETWEEN = (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)
+_SUPPORTED = (*_WEIGHT, *_BETWEEN, Scale, InputSelect)
 
 
 def _flat_layers(module: nn.Module) -> list[nn.Module]:
-    if isinstance(module, nn.Sequential):
+    if type(module) is nn.Sequential:
         return [m for child in module for m in _flat_layers(child)]
-    if isinstance(module, (nn.Identity, nn.Dropout)):
+    if type(module) in (nn.Identity, nn.Dropout):
         return []
     return [module]
 
 
+def _unsupported(reason: str) -> ValueError:
+    return ValueError(f"shrink cannot handle this sequential network: {reason}")
+
+
 def _check_supported(layers: list[nn.Module]) -> None:
+    """Raise unless ``layers`` is a chain that the shrink rules read correctly.
+
+    Types must match exactly (a subclass may have its own ``forward``), every
+    weight layer must read what the previous one wrote, and convolutions must
+    use zero padding given as numbers.
+    """
+    units: int | None = None  # outputs of the last weight layer
+    state = "start"  # then "image" (after a conv), "flattened" (its Flatten), "flat" (Linear)
     for m in layers:
-        if not isinstance(m, (*_WEIGHT, *_BETWEEN, Scale, InputSelect)):
-            raise ValueError(
-                "shrink supports sequential networks of Linear, Conv2d, ReLU, MaxPool2d, "
-                "AdaptiveAvgPool2d and Flatten layers (and vbdropout's noise layers); "
-                f"found {type(m).__name__}"
+        kind = type(m)
+        if kind not in _SUPPORTED:
+            raise _unsupported(
+                "it supports exactly Linear, Conv2d, ReLU, MaxPool2d, AdaptiveAvgPool2d and "
+                f"Flatten layers (and vbdropout's noise layers), found {kind.__name__}"
             )
-        if isinstance(m, nn.Conv2d) and m.groups != 1:
-            raise ValueError("shrink does not support grouped convolutions")
+        if kind is nn.Conv2d:
+            if m.groups != 1 or isinstance(m.padding, str) or m.padding_mode != "zeros":
+                raise _unsupported(
+                    "grouped convolutions, padding given as a string and padding modes "
+                    "other than zeros are not supported"
+                )
+            if state not in ("start", "image") or (units is not None and m.in_channels != units):
+                raise _unsupported(f"{m} does not read the previous layer's channels")
+            units, state = m.out_channels, "image"
+        elif kind is nn.Linear:
+            fits = (
+                state == "start"
+                or (state == "flattened" and m.in_features % units == 0)
+                or (state == "flat" and m.in_features == units)
+            )
+            if not fits:
+                raise _unsupported(f"{m} does not read the previous layer's outputs")
+            units, state = m.out_features, "flat"
+        elif kind is nn.Flatten:
+            if (m.start_dim, m.end_dim) != (1, -1):
+                raise _unsupported("Flatten must flatten all but the batch dimension")
+            state = "flattened" if state == "image" else state
 
 
 def _fold_sequential(model: nn.Module) -> nn.Sequential:
@@ -80,11 +113,13 @@ def _fold_sequential(model: nn.Module) -> nn.Sequential:
     pending: Tensor | None = None  # a scale waiting for the next linear layer's input
     for layer in layers:
         if isinstance(layer, Scale):
-            if out and isinstance(out[-1], nn.Conv2d):
-                conv = out[-1]
-                conv.weight.mul_(layer.scale.view(-1, 1, 1, 1))
-                if conv.bias is not None:
-                    conv.bias.mul_(layer.scale)
+            if out and isinstance(out[-1], _WEIGHT):  # directly after: scale its outputs
+                previous = out[-1]
+                if previous.weight.shape[0] != layer.scale.numel():
+                    raise _unsupported(f"a unit-noise layer does not match {previous}")
+                previous.weight.mul_(layer.scale.view(-1, *[1] * (previous.weight.dim() - 1)))
+                if previous.bias is not None:
+                    previous.bias.mul_(layer.scale)
             elif pending is None:
                 pending = layer.scale
             else:
@@ -219,7 +254,7 @@ def _replace_sequentials(module: nn.Module, transform: _Transform, prefix: str =
     """
     replaced = []
     for name, child in list(module.named_children()):
-        if isinstance(child, nn.Sequential):
+        if type(child) is nn.Sequential:  # a subclass may have its own forward
             try:
                 setattr(module, name, transform(child))
                 replaced.append(prefix + name)
@@ -231,13 +266,19 @@ def _replace_sequentials(module: nn.Module, transform: _Transform, prefix: str =
 
 
 def _apply(model: nn.Module, transform: _Transform) -> tuple[nn.Module, list[str]]:
-    """``transform`` of a supported sequential model, else of every supported part of the model."""
-    if isinstance(model, nn.Sequential):
+    """``transform`` of a supported sequential model, else of every supported part of the model.
+
+    The model counts as sequential when it or its deterministic version is a plain
+    ``nn.Sequential`` (e.g. adversarial dropout's wrapper becomes one).
+    """
+    plain = model if type(model) is nn.Sequential else to_deterministic(model)
+    if type(plain) is nn.Sequential:
         try:
-            return transform(model), [""]  # "": the model itself
+            return transform(plain), [""]  # "": the model itself
         except ValueError:
             pass
-    plain = to_deterministic(model)
+    if plain is model:
+        plain = to_deterministic(model)
     return plain.eval(), _replace_sequentials(plain, transform)
 
 
