@@ -159,3 +159,11 @@ def test_log_uniform_additive_kl_matches_autograd_of_the_clipped_route():
     assert torch.autograd.gradcheck(
         prior.kl_sum_additive, tuple(t.requires_grad_() for t in inside)
     )
+
+
+def test_log_uniform_additive_kl_keeps_float32_precision_on_large_layers():
+    theta = torch.full((4_000_000,), 1e-3)
+    log_sigma2 = torch.full((4_000_000,), 6.0)  # log α clipped at 8: KL per weight ≈ 2e-4
+    prior = LogUniformPrior()
+    exact = prior.kl(torch.tensor(8.0, dtype=torch.float64)).item() * theta.numel()
+    assert prior.kl_sum_additive(theta, log_sigma2).item() == pytest.approx(exact, rel=1e-5)

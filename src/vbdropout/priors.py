@@ -110,9 +110,11 @@ class HierarchicalPrior(Prior):
 class _HierarchicalKLSum(torch.autograd.Function):
     """KL = ½·Σ(log t − log σ²) with t = θ² + σ², σ² = exp(log σ²).
 
-    Gradients: ∂KL/∂θ = θ/t, ∂KL/∂log σ² = ½·σ²/t − ½ = −½·θ·(θ/t). The tiny
-    floor on t keeps the log finite when θ = 0 and σ² underflows (its gradients
-    are then 0, as above).
+    Gradients: ∂KL/∂θ = θ/t, ∂KL/∂log σ² = ½·σ²/t − ½ = −½·θ·(θ/t). A floor of
+    1e−30 on t keeps the log finite when θ = 0 and σ² underflows; only there (θ = 0
+    and log σ² < −69) the value exceeds the true 0 by ½·(−69 − log σ²), while the
+    gradients above stay exact. Differentiable once (no double backward, no
+    ``torch.func`` transforms).
     """
 
     @staticmethod
@@ -153,41 +155,51 @@ class LogUniformPrior(Prior):
     def kl_sum_additive(self, theta: Tensor, log_sigma2: Tensor) -> Tensor:
         """The clipped log-α route of :meth:`Prior.kl_sum_additive`, with hand-written
         gradients (:class:`_LogUniformKLSum`): fewer elementwise passes than autograd's."""
-        return _LogUniformKLSum.apply(theta, log_sigma2)
+        constants = (self.k1, self.k2, self.k3, LOG_ALPHA_RANGE[0], self.upper_log_alpha)
+        return _LogUniformKLSum.apply(theta, log_sigma2, *constants)
 
 
 class _LogUniformKLSum(torch.autograd.Function):
     """Σ KL(log α) of :class:`LogUniformPrior` with log α = clip(log σ² − log(θ² + ε)).
 
-    With p = σ(k2 + k3·log α): ∂KL/∂log α = −k1·k3·p·(1 − p) − ½·σ(−log α) inside
-    the clip range and 0 outside it; ∂log α/∂log σ² = 1, ∂log α/∂θ = −2θ/(θ² + ε).
+    Written as Σ k1·q + ½·softplus(−log α) with q = σ(−k2 − k3·log α) = 1 − σ(k2 + k3·log α),
+    which avoids the float32 cancellation of k1·n − k1·Σσ(·) on large layers.
+    ∂KL/∂log α = −k1·k3·q·(1 − q) − ½·σ(−log α) inside the clip range and 0
+    outside it; ∂log α/∂log σ² = 1, ∂log α/∂θ = −2θ/(θ² + ε). Differentiable once.
     """
 
     @staticmethod
-    def forward(ctx: Any, theta: Tensor, log_sigma2: Tensor) -> Tensor:
-        k1, k2, k3 = LogUniformPrior.k1, LogUniformPrior.k2, LogUniformPrior.k3
-        low, high = LOG_ALPHA_RANGE
+    def forward(
+        ctx: Any,
+        theta: Tensor,
+        log_sigma2: Tensor,
+        k1: float,
+        k2: float,
+        k3: float,
+        low: float,
+        high: float,
+    ) -> Tensor:
         denominator = torch.mul(theta, theta).add_(THETA_EPS)  # θ² + ε
         log_alpha = torch.sub(log_sigma2, denominator.log()).clamp_(low, high)
-        p = torch.mul(log_alpha, k3).add_(k2).sigmoid_()
-        ctx.save_for_backward(theta, denominator, log_alpha, p)
-        softplus_sum = F.softplus(log_alpha.neg()).sum()
-        return k1 * log_alpha.numel() - k1 * p.sum() + 0.5 * softplus_sum
+        q = torch.mul(log_alpha, -k3).sub_(k2).sigmoid_()
+        ctx.save_for_backward(theta, denominator, log_alpha, q)
+        ctx.constants = (k1, k3, low, high)
+        return k1 * q.sum() + 0.5 * F.softplus(log_alpha.neg()).sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        k1, k3 = LogUniformPrior.k1, LogUniformPrior.k3
-        low, high = LOG_ALPHA_RANGE
-        theta, denominator, log_alpha, p = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        k1, k3, low, high = ctx.constants
+        theta, denominator, log_alpha, q = ctx.saved_tensors
         # ∂KL/∂log α, then zero where the clip was active
-        d = torch.sub(1.0, p).mul_(p).mul_(-k1 * k3)
+        d = torch.sub(1.0, q).mul_(q).mul_(-k1 * k3)
         d.sub_(torch.sigmoid(log_alpha.neg()), alpha=0.5)
         d.masked_fill_((log_alpha <= low) | (log_alpha >= high), 0.0).mul_(grad)
         grad_theta = None
         if ctx.needs_input_grad[0]:
             grad_theta = torch.div(theta, denominator).mul_(d).mul_(-2.0)
-        return grad_theta, d if ctx.needs_input_grad[1] else None
+        grad_log_sigma2 = d if ctx.needs_input_grad[1] else None
+        return grad_theta, grad_log_sigma2, None, None, None, None, None
 
 
 class KingmaLogUniformPrior(Prior):
