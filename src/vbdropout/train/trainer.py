@@ -259,11 +259,15 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     processes (see :mod:`vbdropout.train.distributed`); under torchrun the
     process group comes from the environment.
 
-    Denormal floats are flushed to zero for the process (``torch.set_flush_denormal``):
-    weights that a penalty or a pruning mask drives towards zero, and Adam's moments
-    of weights that no longer get gradients, otherwise sink into the denormal
-    range, where CPU arithmetic is tens of times slower (a 200-epoch LeNet-300-100
-    pruning run went from 2 s to 30 s per epoch by epoch 20).
+    Denormal floats are flushed to zero (``torch.set_flush_denormal(True)``, left
+    on afterwards): weights that a penalty or a pruning mask drives towards zero,
+    and Adam's moments of weights that no longer get gradients, otherwise sink into
+    the denormal range, where CPU arithmetic is tens of times slower (a 200-epoch
+    LeNet-300-100 pruning run went from 2 s to 30 s per epoch by epoch 20). The
+    setting is per thread and torch's worker threads copy it when they start, so
+    it covers all of them when no parallel torch work ran before (as with
+    ``vbd train``); a program that already computed in parallel should call
+    ``torch.set_flush_denormal(True)`` at its start.
     """
     config = resolve_config(config)
     device = resolve_device(config.device)
@@ -346,6 +350,8 @@ def _train_locked(
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # keep this torch's choice, not the saved one
+            group["fused"] = optimizer.defaults["fused"]
         scheduler.load_state_dict(state["scheduler"])
         ranks = state["rng"].get("torch_ranks")
         torch.set_rng_state(ranks[world.rank] if ranks else state["rng"]["torch"])
