@@ -352,3 +352,8 @@ def test_report_warns_about_unit_noise_it_cannot_fold():
 
     with pytest.warns(UserWarning, match=r"unit-noise layers \['gate'\]"):
         compression_report(Gated())
+
+
+def test_report_without_normalization_says_so(tmp_path):
+    export_compressed(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), tmp_path, (4,))
+    assert "input normalization: not recorded" in (tmp_path / "report.md").read_text()

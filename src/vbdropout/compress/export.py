@@ -437,6 +437,13 @@ def export_compressed(
     return report
 
 
+def _normalization_text(normalization: dict[str, Any]) -> str:
+    mean, std = normalization["mean"], normalization["std"]
+    if mean is None and std is None:
+        return "not recorded (give --mean and --std)"
+    return f"(x − {mean}) / {std} on pixels in [0, 1]"
+
+
 def _parts_text(parts: str | list[str]) -> str:
     if isinstance(parts, str):
         return parts
@@ -458,8 +465,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"- neurons per layer: {n['dense']} → {n['shrunk']}",
         f"- parameters: {params['dense']} → {params['shrunk']}",
         f"- multiply–accumulates per example: {ops['dense']} → {ops['shrunk']}",
-        f"- input normalization: (x − {report['input_normalization']['mean']}) / "
-        f"{report['input_normalization']['std']} on pixels in [0, 1]",
+        f"- input normalization: {_normalization_text(report['input_normalization'])}",
         f"- shrunk: {_parts_text(report['shrunk_parts'])}",
         *([f"- shrunk.onnx: {report['onnx']}"] if "onnx" in report else []),
         "",
