@@ -515,6 +515,13 @@ class PerLayerMethod(Method):
             return [check(v, f"{name}[{i}]") for i, v in enumerate(spec)]
         return check(spec, name)
 
+    def _l2_options(self, weight_decay: float, dataset_size: int | None) -> dict[str, Any]:
+        """``weight_decay`` (λ ≥ 0 per example) and ``dataset_size``, which λ > 0 requires."""
+        weight_decay = check_nonnegative(weight_decay, "weight_decay")
+        if weight_decay > 0 or dataset_size is not None:
+            dataset_size = _needs_dataset_size(self.name, dataset_size, "L2 weight decay")
+        return {"weight_decay": weight_decay, "dataset_size": dataset_size}
+
     def _value(self, key: str, index: int, kind: str) -> float:
         spec = self.options[self.per_layer]
         if isinstance(spec, list):  # a length mismatch is reported by wrap()
@@ -591,15 +598,11 @@ class Pruning(PerLayerMethod):
         weight_decay: float = 5e-4,
         dataset_size: int | None = None,
     ) -> None:
-        weight_decay = check_nonnegative(weight_decay, "weight_decay")
-        if weight_decay > 0 or dataset_size is not None:
-            dataset_size = _needs_dataset_size(self.name, dataset_size, "L2 weight decay")
         self._built = []
         self.options = {
             "sparsity": self._check_per_layer(sparsity, check_sparsity),
             "prune_at": check_prune_at(prune_at),
-            "weight_decay": weight_decay,
-            "dataset_size": dataset_size,
+            **self._l2_options(weight_decay, dataset_size),
         }
 
 
@@ -629,9 +632,6 @@ class DNS(PerLayerMethod):
         weight_decay: float = 5e-4,
         dataset_size: int | None = None,
     ) -> None:
-        weight_decay = check_nonnegative(weight_decay, "weight_decay")
-        if weight_decay > 0 or dataset_size is not None:
-            dataset_size = _needs_dataset_size(self.name, dataset_size, "L2 weight decay")
         self._built = []
         self.options = {
             "c_rate": self._check_per_layer(c_rate, _c_rate),
@@ -639,8 +639,7 @@ class DNS(PerLayerMethod):
             "power": power,
             "start": start,
             "stop": stop,
-            "weight_decay": weight_decay,
-            "dataset_size": dataset_size,
+            **self._l2_options(weight_decay, dataset_size),
         }
         LinearDNS(1, 1, **self._layer_options())  # validates the options
 
