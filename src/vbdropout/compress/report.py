@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..nn.deterministic import Scale
 from ..nn.gaussian import GaussianWeight, _validate_threshold
 from ..nn.structured import StructuredVBD, UnitNoise
 
@@ -137,7 +138,6 @@ def compression_report(
             if isinstance(m, (GaussianWeight, StructuredVBD)):
                 m.threshold = threshold
     if any(isinstance(m, UnitNoise) for m in model.modules()):
-        from ..nn.deterministic import Scale
         from .shrink import fold_scales
 
         named = list(fold_scales(model).named_modules())
