@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
+
 __all__ = [
     "LOG_ALPHA_RANGE",
     "PRIORS",
@@ -68,12 +70,34 @@ class Prior:
         """KL(q(w) || p(w)) for each weight, same shape as ``log_alpha``."""
         raise NotImplementedError
 
+    def kernel_spec(self) -> kernels.KLSpec | None:
+        """This KL's id and constants in the fused CPU kernels (:mod:`vbdropout.kernels`),
+        ``None`` if they do not implement it."""
+        return None
+
+    def _kl_overridden(self, cls: type[Prior]) -> bool:
+        """Whether a subclass of ``cls`` replaced its ``kl``: then ``cls``'s closed forms
+        (its exact additive KL, its kernel) no longer describe this prior."""
+        return type(self).kl is not cls.kl
+
     def kl_sum_additive(self, theta: Tensor, log_sigma2: Tensor) -> Tensor:
         """Σ KL over weights given θ and log σ² (the additive parameterization).
 
         By default ``kl`` of the clipped log α = log σ² − log(θ² + 1e−8); a prior
-        may override it with an exact, cheaper form.
+        may override it with an exact, cheaper form. With the fused CPU kernels
+        (where :meth:`kernel_spec` is set and they take the tensors) one pass
+        each way.
         """
+        spec = self.kernel_spec()
+        if (
+            spec is not None
+            and theta.stride() == log_sigma2.stride()
+            and kernels.supports(theta, log_sigma2)
+        ):
+            return kernels.kl_sum(theta, log_sigma2, spec)
+        return self._kl_sum_additive_eager(theta, log_sigma2)
+
+    def _kl_sum_additive_eager(self, theta: Tensor, log_sigma2: Tensor) -> Tensor:
         log_alpha = log_sigma2 - torch.log(theta * theta + THETA_EPS)
         return self.kl(self.clip(log_alpha)).sum()
 
@@ -98,12 +122,17 @@ class HierarchicalPrior(Prior):
     def kl(self, log_alpha: Tensor) -> Tensor:
         return 0.5 * F.softplus(-log_alpha)
 
-    def kl_sum_additive(self, theta: Tensor, log_sigma2: Tensor) -> Tensor:
+    def kernel_spec(self) -> kernels.KLSpec | None:
+        return None if self._kl_overridden(HierarchicalPrior) else (0, ())
+
+    def _kl_sum_additive_eager(self, theta: Tensor, log_sigma2: Tensor) -> Tensor:
         """Σ ½·log(1 + θ²/σ²) = Σ ½·(log(θ² + σ²) − log σ²), exact (no clip of log α).
 
         With the hand-written gradients of :class:`_HierarchicalKLSum`: about half
         the elementwise passes over the weights of autograd's version.
         """
+        if self._kl_overridden(HierarchicalPrior):
+            return super()._kl_sum_additive_eager(theta, log_sigma2)
         return _HierarchicalKLSum.apply(theta, log_sigma2)
 
 
@@ -152,9 +181,16 @@ class LogUniformPrior(Prior):
             + 0.5 * F.softplus(-log_alpha)
         )
 
-    def kl_sum_additive(self, theta: Tensor, log_sigma2: Tensor) -> Tensor:
+    def kernel_spec(self) -> kernels.KLSpec | None:
+        if self._kl_overridden(LogUniformPrior):
+            return None
+        return (1, (self.k1, self.k2, self.k3, LOG_ALPHA_RANGE[0], self.upper_log_alpha))
+
+    def _kl_sum_additive_eager(self, theta: Tensor, log_sigma2: Tensor) -> Tensor:
         """The clipped log-α route of :meth:`Prior.kl_sum_additive`, with hand-written
         gradients (:class:`_LogUniformKLSum`): fewer elementwise passes than autograd's."""
+        if self._kl_overridden(LogUniformPrior):
+            return super()._kl_sum_additive_eager(theta, log_sigma2)
         constants = (self.k1, self.k2, self.k3, LOG_ALPHA_RANGE[0], self.upper_log_alpha)
         return _LogUniformKLSum.apply(theta, log_sigma2, *constants)
 

@@ -32,11 +32,13 @@ exactly as ½·log(1 + θ²/σ²) (see :meth:`~vbdropout.priors.Prior.kl_sum_add
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from ..priors import LOG_ALPHA_RANGE, THETA_EPS, Prior, get_prior
 from .base import VariationalModule, standard_normal_like, state_key
 from .geometry import layer_like
@@ -52,6 +54,13 @@ __all__ = [
 
 _VAR_EPS = 1e-8
 AlphaPer = Literal["weight", "unit", "layer"]
+
+# The KL that a layer's last fused training forward computed, with the parameters'
+# state key at the time; kept outside the module so that deepcopy and pickling
+# never meet the non-leaf tensor.
+_FORWARD_KL: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _validate_threshold(threshold: float | None) -> float | None:
@@ -161,12 +170,12 @@ class GaussianWeight(VariationalModule):
 
     def sigma2(self) -> Tensor:
         """Posterior variance σ² of every weight."""
-        theta2 = self.weight * self.weight
         if not self.additive:
-            return self.log_alpha.exp() * theta2
+            return self.log_alpha.exp() * (self.weight * self.weight)
         sigma2 = self.log_sigma2.exp()
         if self.prior.max_log_alpha is not None:
-            sigma2 = torch.minimum(sigma2, theta2 * math.exp(self.prior.upper_log_alpha))
+            cap = (self.weight * self.weight) * math.exp(self.prior.upper_log_alpha)
+            sigma2 = torch.minimum(sigma2, cap)
         return sigma2
 
     def keep_mask(self, threshold: float | str | None = "own") -> Tensor:
@@ -209,11 +218,24 @@ class GaussianWeight(VariationalModule):
         return plain.eval()
 
     def kl(self) -> Tensor:
-        """KL(q(W) || p(W)) summed over the layer's weights (biases are deterministic)."""
+        """KL(q(W) || p(W)) summed over the layer's weights (biases are deterministic).
+
+        After a fused training forward (:meth:`_fused_training_forward`), the KL it
+        computed alongside σ² is returned once, when the parameters have not
+        changed since and its graph has not been through a backward pass yet.
+        """
         if self.additive:
+            cached = _FORWARD_KL.pop(self, None)
+            if cached is not None and cached[0] == self._kl_key():
+                kl = cached[1]
+                if not getattr(kl.grad_fn, "backward_ran", False):
+                    return kl if torch.is_grad_enabled() else kl.detach()
             return self.prior.kl_sum_additive(self.weight, self.log_sigma2)
         kl = self.prior.kl(self.log_alpha)
         return kl.sum() * (self.weight.numel() // kl.numel())
+
+    def _kl_key(self) -> tuple[int, ...]:
+        return state_key((self.weight, self.log_sigma2))
 
     def _apply_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
@@ -221,11 +243,45 @@ class GaussianWeight(VariationalModule):
     def _check_input(self, x: Tensor) -> None:
         raise NotImplementedError
 
+    def _fusable(self, x: Tensor) -> bool:
+        """Whether the layer's geometry and ``x`` suit the fused training forward."""
+        raise NotImplementedError
+
+    def _geometry(self) -> kernels.ConvGeometry | None:
+        """The geometry argument of :func:`~vbdropout.kernels.gaussian_training_forward`."""
+        raise NotImplementedError
+
+    def _fused_training_forward(self, x: Tensor) -> Tensor | None:
+        """The sampling forward as one node of fused CPU kernels (:mod:`vbdropout.kernels`),
+        or ``None`` where that does not apply: tied α or the log-α parameterization, a
+        prior that caps α, pruning masks in use (``mc``/``train_clip``), a geometry
+        or input the kernels do not take, or kernels unavailable or turned off.
+
+        The KL (where the kernels implement the prior: VBD's, sparse VD's) is
+        computed in the same pass as σ² and kept for :meth:`kl`.
+        """
+        if not self.additive or self.prior.max_log_alpha is not None or self.mc:
+            return None
+        if self.train_clip or not self._fusable(x):
+            return None
+        tensors = (x, self.weight, self.log_sigma2) + (() if self.bias is None else (self.bias,))
+        if not kernels.supports(*tensors):
+            return None
+        out, kl = kernels.gaussian_training_forward(
+            x, self.weight, self.log_sigma2, self.bias, self._geometry(), _VAR_EPS,
+            self.prior.kernel_spec(),
+        )  # fmt: skip
+        if kl.requires_grad:
+            _FORWARD_KL[self] = (self._kl_key(), kl)
+        return out
+
     def forward(self, x: Tensor) -> Tensor:
         if self.check_inputs:
             self._check_input(x)
         if not self.sampling():
             out = self._apply_weight(x, self._eval_weight(), self.bias)
+        elif (fused := self._fused_training_forward(x)) is not None:
+            out = fused
         else:
             theta, sigma2 = self.weight, self.sigma2()
             if self.mc or self.train_clip:
@@ -233,7 +289,10 @@ class GaussianWeight(VariationalModule):
                 theta, sigma2 = theta * mask, sigma2 * mask
             mean = self._apply_weight(x, theta, self.bias)
             var = self._apply_weight(x * x, sigma2, None)
-            out = mean + torch.sqrt(var + _VAR_EPS) * standard_normal_like(mean)
+            if mean.stride() == var.stride() and kernels.supports(mean, var):
+                out = kernels.lrt_sample(mean, var, _VAR_EPS)
+            else:
+                out = mean + torch.sqrt(var + _VAR_EPS) * standard_normal_like(mean)
         if self.check_inputs:
             self._check_finite(x, out)
         return out
@@ -292,6 +351,12 @@ class LinearVBD(GaussianWeight, nn.Linear):
     def _apply_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return nn.functional.linear(x, weight, bias)
 
+    def _fusable(self, x: Tensor) -> bool:
+        return x.dim() > 0
+
+    def _geometry(self) -> None:
+        return None
+
     def _check_input(self, x: Tensor) -> None:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
@@ -308,6 +373,23 @@ class _ConvGaussianWeight(GaussianWeight):
 
     def _apply_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
+
+    def _fusable(self, x: Tensor) -> bool:
+        """Batched input, zero padding given as numbers (not ``"same"``/``"valid"``)."""
+        padding = self.padding  # type: ignore[attr-defined]
+        return (
+            x.dim() == self._spatial_dims + 2
+            and self.padding_mode == "zeros"  # type: ignore[attr-defined]
+            and not isinstance(padding, str)
+        )
+
+    def _geometry(self) -> kernels.ConvGeometry:
+        return kernels.ConvGeometry(
+            tuple(self.stride),  # type: ignore[attr-defined]
+            tuple(self.padding),  # type: ignore[attr-defined]
+            tuple(self.dilation),  # type: ignore[attr-defined]
+            self.groups,  # type: ignore[attr-defined]
+        )
 
     def _check_input(self, x: Tensor) -> None:
         d = self._spatial_dims

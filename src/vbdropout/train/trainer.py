@@ -38,7 +38,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-from .. import __version__
+from .. import __version__, kernels
 from ..compress import compression_report
 from ..data import Dataset, load_dataset
 from ..models import METHODS, build_model
@@ -472,6 +472,7 @@ def _train_locked(
         "epochs": config.epochs,
         "seed": config.seed,
         "device": str(device),
+        "cpu_kernels": kernels.status(),
         "test_error": test["error"],
         "test_nll": test["nll"],
         "compression": report.to_dict(),

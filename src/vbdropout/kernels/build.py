@@ -1,0 +1,174 @@
+"""Compile and load the fused CPU kernels (cpu.cpp) once, or say why not."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["ENV_VAR", "available", "set_enabled", "status", "supports"]
+
+ENV_VAR = "VBDROPOUT_CPU_KERNELS"
+_SOURCE = Path(__file__).with_name("cpu.cpp")
+_log = logging.getLogger(__name__)
+_state: dict[str, Any] = {
+    "enabled": os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off"),
+    "loaded": None,
+    "reason": "not built yet",
+}
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Turn the fused kernels on or off for this process; returns the previous setting.
+
+    Off, every caller runs its eager PyTorch version (e.g. to compare the two, or
+    for double backward). On, the kernels are built on their next use if needed.
+    """
+    previous = bool(_state["enabled"])
+    _state["enabled"] = bool(enabled)
+    return previous
+
+
+def _compile_flags() -> list[str]:
+    """-O3 with vectorized libm (glibc's libmvec needs -ffast-math's __FAST_MATH__).
+
+    -ffast-math is a compile flag only: at link time it would add crtfastmath.o,
+    which turns on flush-to-zero for the whole process when the library loads.
+    """
+    flags = ["-O3", "-ffast-math", "-fopenmp"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    if capability == "AVX512":
+        flags += ["-mavx512f", "-mavx512dq", "-mprefer-vector-width=512"]
+    return flags
+
+
+@contextmanager
+def _ninja_on_path() -> Any:
+    """Put the ``ninja`` package's binary on PATH for the build (a venv's bin/ may not be)."""
+    try:
+        import ninja  # type: ignore[import-not-found]
+    except ImportError:
+        yield
+        return
+    before = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, before])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load
+
+    flags = _compile_flags()
+    digest = hashlib.sha256(
+        (_SOURCE.read_text() + " ".join(flags) + torch.__version__).encode()
+    ).hexdigest()[:12]
+    name = f"vbdropout_cpu_{torch.backends.cpu.get_cpu_capability().lower()}_{digest}"
+    start = time.perf_counter()
+    with _ninja_on_path():
+        load(
+            name=name,
+            sources=[str(_SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"] + (["-lmvec"] if _has_libmvec() else []),
+            is_python_module=False,
+            verbose=False,
+        )
+    _log.info("vbdropout CPU kernels ready (%s, %.1f s)", name, time.perf_counter() - start)
+
+
+def _has_libmvec() -> bool:
+    import ctypes.util
+
+    return ctypes.util.find_library("mvec") is not None
+
+
+def available() -> bool:
+    """Whether the fused kernels are loaded; builds them on the first call."""
+    if not _state["enabled"]:
+        return False
+    if _state["loaded"] is None:
+        if hasattr(torch.ops.vbdropout, "lrt_sample"):  # loaded by another copy
+            _state.update(loaded=True, reason="")
+        else:
+            try:
+                _build()
+                _register_fake_kernels()
+                _state.update(loaded=True, reason="")
+            except Exception as error:  # no compiler, no ninja, a failed build...
+                reason = f"build failed ({type(error).__name__}: {_first_error(error)})"
+                _state.update(loaded=False, reason=reason)
+                _log.warning("vbdropout CPU kernels unavailable, using eager PyTorch: %s", reason)
+    return bool(_state["loaded"])
+
+
+def _first_error(error: Exception) -> str:
+    """The compiler's first error line, else the exception's first line."""
+    lines = str(error).strip().splitlines() or [""]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines)[0][:300]
+
+
+def status() -> str:
+    """``"fused"`` or ``"eager: <why>"`` (builds the kernels if not tried yet)."""
+    if not _state["enabled"]:
+        return f"eager: disabled ({ENV_VAR}=0 or set_enabled(False))"
+    return "fused" if available() else f"eager: {_state['reason']}"
+
+
+def supports(*tensors: Tensor) -> bool:
+    """Whether the kernels are on and take these tensors: CPU float32, dense
+    (contiguous or channels-last); builds the kernels on the first call."""
+    if not _state["enabled"]:
+        return False
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32 or t.layout != torch.strided:
+            return False
+        if not (
+            t.is_contiguous()
+            or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+        ):
+            return False
+    return available()
+
+
+def _register_fake_kernels() -> None:
+    """Shape-only versions of the ops, so that torch.compile/export can trace them."""
+    register = getattr(torch.library, "register_fake", None)
+    if register is None:  # torch < 2.4: tracing falls back to the eager callers
+        return
+
+    @register("vbdropout::kl_sum")
+    def _(theta: Tensor, log_sigma2: Tensor, prior: int, constants: list[float]) -> Tensor:
+        return theta.new_empty(())
+
+    @register("vbdropout::kl_sum_backward")
+    def _(
+        theta: Tensor, log_sigma2: Tensor, prior: int, constants: list[float], grad: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(theta), torch.empty_like(theta)
+
+    @register("vbdropout::sigma2_and_kl")
+    def _(
+        theta: Tensor, log_sigma2: Tensor, prior: int, constants: list[float]
+    ) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(theta), theta.new_empty(())
+
+    @register("vbdropout::weight_grads_")
+    def _(*args: Any) -> None:
+        return None
+
+    @register("vbdropout::lrt_sample")
+    def _(mean: Tensor, var: Tensor, seed: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(mean), torch.empty_like(mean)
