@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from vbdropout import kernels
 from vbdropout.data import iterate_batches, load_dataset
 from vbdropout.models import build_model
 from vbdropout.train.checkpoint import save_checkpoint
@@ -79,6 +80,7 @@ def main() -> None:
     per_epoch_run = med["vbd"] + med["eval"] + med["checkpoint"]
     result = {
         "machine": {
+            "cpu_kernels": kernels.status(),
             "threads": torch.get_num_threads(),
             "platform": platform.platform(),
             "torch": torch.__version__,

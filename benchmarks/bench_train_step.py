@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vbdropout import kl_divergence
+from vbdropout import kernels, kl_divergence
 from vbdropout.models import build_model
 from vbdropout.train.loop import make_adam
 
 N_TRAIN = 60_000
+EAGER_VBD = "vbdropout vbd, eager"  # our VBD with the fused CPU kernels turned off
 
 
 class PeerNet(nn.Module):
@@ -86,6 +87,7 @@ def variants(model: str) -> dict[str, Callable[[], tuple[nn.Module, Callable]]]:
     found = {
         "plain torch": ours("none"),
         "vbdropout vbd": ours("vbd"),
+        EAGER_VBD: ours("vbd"),
         "vbdropout sparse_vd": ours("sparse_vd"),
     }
 
@@ -145,24 +147,34 @@ def variants(model: str) -> dict[str, Callable[[], tuple[nn.Module, Callable]]]:
     return found
 
 
-def time_steps(model: str, batch: int, rounds: int, steps: int) -> dict[str, float]:
+def time_steps(
+    model: str, batch: int, rounds: int, steps: int, device: str = "cpu"
+) -> dict[str, float]:
     """Median seconds per training step of every variant, measured round-robin."""
     torch.manual_seed(0)
-    x = torch.randn(batch, 1, 28, 28)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     built = {}
     for name, make in variants(model).items():
+        if name == EAGER_VBD and device != "cpu":
+            continue  # the fused kernels are CPU-only: on a GPU our VBD is the eager one
         net, loss = make()
-        built[name] = (net.train(), loss, make_adam(net.parameters(), 1e-3))
+        net = net.to(device).train()
+        built[name] = (net, loss, make_adam(net.parameters(), 1e-3))
 
     def run(name: str, n: int) -> float:
         net, loss, opt = built[name]
+        fused = kernels.set_enabled(name != EAGER_VBD)
         start = time.perf_counter()
         for _ in range(n):
             opt.zero_grad(set_to_none=True)
             loss(net, x, y).backward()
             opt.step()
-        return (time.perf_counter() - start) / n
+        if device != "cpu":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        kernels.set_enabled(fused)
+        return elapsed / n
 
     for name in built:  # warm-up
         run(name, 3)
@@ -232,10 +244,12 @@ def peak_memory(model: str, batch: int, name: str) -> float:
         loss(net, x, y).backward()
         opt.step()
 
+    fused = kernels.set_enabled(name != EAGER_VBD)
     for _ in range(2):
         step()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
+    kernels.set_enabled(fused)
     events = sorted(
         (e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start
     )
@@ -253,6 +267,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["lenet300_100", "lenet5_caffe"])
     parser.add_argument("--batches", nargs="+", type=int, default=[100, 1000])
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (on cuda, peak memory is not measured)"
+    )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     result = {
@@ -260,13 +277,18 @@ def main() -> None:
             "cpu_threads": torch.get_num_threads(),
             "platform": platform.platform(),
             "torch": torch.__version__,
+            "cpu_kernels": kernels.status(),
+            "device": args.device
+            if args.device == "cpu"
+            else torch.cuda.get_device_name(torch.device(args.device)),
         },
         "steps": {},
         "memory_mib": {},
     }
     for model in args.models:
         for batch in args.batches:
-            times = time_steps(model, batch, args.rounds, max(2, args.steps * 100 // batch))
+            steps = max(2, args.steps * 100 // batch)
+            times = time_steps(model, batch, args.rounds, steps, args.device)
             base = times["plain torch"]
             result["steps"][f"{model} b{batch}"] = {
                 k: {"seconds": v, "ratio": v / base} for k, v in times.items()
@@ -276,7 +298,7 @@ def main() -> None:
                 + ", ".join(f"{k} {v / base:.2f}×" for k, v in times.items()),
                 flush=True,
             )
-            if not args.no_memory:
+            if not args.no_memory and args.device == "cpu":
                 result["memory_mib"][f"{model} b{batch}"] = {
                     k: peak_memory(model, batch, k) for k in times
                 }
