@@ -139,7 +139,10 @@ def metrics_rows(out: Path) -> int:
 
 # (kind, what): "write" SIGKILLs the run from inside the N-th atomic write of a file
 # (half of the temp file written; see vbdropout.train.checkpoint), "startup" kills it
-# 0-1 s after its start, "epoch" kills it 0-0.3 s after it finished one more epoch.
+# at a random time before half its remaining epochs could have run (at most 1 s
+# after its start), "epoch" at a random time within the epoch after one more
+# finished epoch. The delays follow the measured pace of the uninterrupted
+# reference run, so that a kill never comes after a fast run has already finished.
 KILLS = [
     ("write", "config.toml:1"),
     ("startup", ""),
@@ -175,10 +178,23 @@ def wait_for_rows(server: ForkServer, pid: int, out: Path, rows: int) -> None:
         time.sleep(0.01)
 
 
+def epoch_seconds(run: Path) -> float:
+    """Median training time of one epoch of a finished run (its metrics rows)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return sorted(row["seconds"] for row in rows)[len(rows) // 2]
+
+
 def kill_once(
-    server: ForkServer, argv: list[str], kind: str, what: str, rng: random.Random, log: Path
+    server: ForkServer,
+    argv: list[str],
+    kind: str,
+    what: str,
+    rng: random.Random,
+    log: Path,
+    epoch_time: float,
 ) -> str:
-    """Start the run, SIGKILL it as ``kind`` says; returns the fault hook spec (or "")."""
+    """Start the run, SIGKILL it as ``kind`` says (random delays scaled by ``epoch_time``,
+    the seconds one epoch takes); returns the fault hook spec (or "")."""
     out = Path(argv[argv.index("--out") + 1])
     epoch = checkpoint_epoch(out)
     spec = fault_spec(what, epoch) if kind == "write" else ""
@@ -189,9 +205,9 @@ def kill_once(
         if kind == "epoch":
             assert epoch + 1 < EPOCHS, "the kill plan needs more epochs"
             wait_for_rows(server, pid, out, epoch + 1)
-            time.sleep(rng.uniform(0.0, 0.3))
+            time.sleep(rng.uniform(0.0, epoch_time))
         else:
-            time.sleep(rng.uniform(0.0, 1.0))
+            time.sleep(rng.uniform(0.0, min(1.0, (EPOCHS - epoch) * epoch_time / 2)))
         status = server.kill(pid)
     assert status == -signal.SIGKILL, f"{kind} {what}: status {status}\n{log.read_text()}"
     return spec
@@ -221,10 +237,12 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(
     rng = random.Random(10)
     out = tmp_path / "run"
     argv = run_argv(out, shared_data, "--resume")
+    epoch_time = epoch_seconds(reference())
     epochs, strays, landed_in_write = [], [], 0
     for trial, (kind, what) in enumerate(KILLS):
         before = checkpoint_epoch(out)
-        spec = kill_once(server, argv, kind, what, rng, tmp_path / f"log{trial}")
+        log = tmp_path / f"log{trial}"
+        spec = kill_once(server, argv, kind, what, rng, log, epoch_time)
         epochs.append(checkpoint_epoch(out))  # it loads: the checkpoint is never torn
         assert epochs[-1] >= before, "a kill lost a finished epoch"
         if spec:
