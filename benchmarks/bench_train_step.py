@@ -277,7 +277,7 @@ def main() -> None:
             "cpu_threads": torch.get_num_threads(),
             "platform": platform.platform(),
             "torch": torch.__version__,
-            "cpu_kernels": kernels.status(),
+            "cpu_kernels": kernels.status() if args.device == "cpu" else "unused on cuda",
             "device": args.device
             if args.device == "cpu"
             else torch.cuda.get_device_name(torch.device(args.device)),

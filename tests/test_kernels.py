@@ -90,34 +90,67 @@ def test_lrt_sample_is_mean_plus_scaled_standard_normal_noise():
         assert abs(corr) < 5 / math.sqrt(n)
 
 
+def _with_threads(threads: int, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_lrt_noise_follows_torch_seed_and_not_the_thread_count():
-    mean, var = torch.zeros(4097), torch.ones(4097)  # odd size: the last pair is half used
+    n = 100_003  # several chunks of work, and odd: the last pair is half used
+    mean, var = torch.zeros(n), torch.ones(n)
 
-    def draw(seed: int, threads: int) -> torch.Tensor:
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            torch.manual_seed(seed)
-            return kernels.lrt_sample(mean, var, 0.0)
-        finally:
-            torch.set_num_threads(before)
+    def draw(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return kernels.lrt_sample(mean, var, 0.0)
 
-    first = draw(3, 1)
-    assert torch.equal(first, draw(3, 2))
-    assert not torch.equal(first, draw(4, 1))
+    first = _with_threads(1, lambda: draw(3))
+    assert torch.equal(first, _with_threads(2, lambda: draw(3)))
+    assert not torch.equal(first, draw(4))
     torch.manual_seed(3)
     assert not torch.equal(kernels.lrt_sample(mean, var, 0.0), kernels.lrt_sample(mean, var, 0.0))
 
 
-def test_kl_sum_does_not_depend_on_the_thread_count():
-    theta, log_sigma2 = _weights((700, 300), seed=2)
-    before = torch.get_num_threads()
-    sums = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        sums.append(kernels.kl_sum(theta, log_sigma2, (0, ())).item())
-    torch.set_num_threads(before)
-    assert sums[0] == sums[1]
+@pytest.mark.parametrize("prior", PRIORS, ids=lambda p: p.name)
+def test_kl_sums_and_gradients_do_not_depend_on_the_thread_count(prior):
+    theta, log_sigma2 = _weights((700, 301), seed=2)
+    spec = prior.kernel_spec()
+
+    def kl_and_grads() -> list[torch.Tensor]:
+        t, s = theta.clone().requires_grad_(), log_sigma2.clone().requires_grad_()
+        kl = kernels.kl_sum(t, s, spec)
+        kl.backward()
+        return [kl.detach(), t.grad, s.grad]
+
+    def weight_grads() -> list[torch.Tensor]:
+        grads = [torch.ones_like(theta), torch.full_like(theta, 0.5)]
+        sigma2 = log_sigma2.exp()
+        torch.ops.vbdropout.weight_grads_(
+            theta, log_sigma2, sigma2, *grads, spec[0], list(spec[1]), torch.tensor(0.7)
+        )
+        return grads
+
+    # (a whole layer's gradients are not: the matrix products' are not, eager or fused)
+    for fn in (kl_and_grads, weight_grads):
+        for a, b in zip(_with_threads(1, fn), _with_threads(2, fn), strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("prior", PRIORS, ids=lambda p: p.name)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_kl_sum_of_non_finite_weights_is_nan(prior, bad):
+    # the kernels are built with -ffast-math, which lets the compiler assume finite
+    # values; the sums read the bit patterns so that a NaN still reaches the loss
+    for which in (0, 1):
+        tensors = list(_weights((50, 40), seed=3))
+        tensors[which][7, 3] = bad
+        assert math.isnan(kernels.kl_sum(*tensors, prior.kernel_spec()).item())
+        spec = prior.kernel_spec()
+        _, kl = torch.ops.vbdropout.sigma2_and_kl(*tensors, spec[0], list(spec[1]))
+        assert math.isnan(kl.item())
 
 
 def test_ops_reject_tensors_they_do_not_take():
@@ -248,6 +281,40 @@ def test_forward_kl_is_handed_out_once_and_only_while_valid():
     )
 
 
+def test_forward_kl_is_not_handed_to_other_parameter_tensors():
+    # functional_call with detached copies: same storage and versions, other tensors
+    layer = _layer("linear", "hierarchical", True)
+    x = torch.randn(8, 20)
+    params = {k: v.detach().requires_grad_() for k, v in layer.named_parameters()}
+    out = torch.func.functional_call(layer, params, (x,))
+    (out.sum() + layer.kl()).backward()
+    assert layer.log_sigma2.grad is not None and params["log_sigma2"].grad is not None
+    expected = torch.autograd.grad(
+        layer.prior._kl_sum_additive_eager(layer.weight, layer.log_sigma2), layer.log_sigma2
+    )[0]
+    torch.testing.assert_close(layer.log_sigma2.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_prior_that_overrides_the_additive_kl_sum_keeps_its_own():
+    class Zero(HierarchicalPrior):
+        def kl_sum_additive(self, theta, log_sigma2):
+            return 0 * theta.sum()
+
+    assert Zero().kernel_spec() is None
+    layer = LinearVBD(6, 3, prior=Zero()).train()
+    layer(torch.randn(4, 6))
+    assert layer.kl().item() == 0.0
+
+
+def test_compiled_layers_do_not_hand_out_a_freed_graph():
+    layer = _layer("linear", "hierarchical", True)
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(8, 20)
+    compiled(x).sum().backward()  # the data term alone, as its own backward
+    layer.kl().backward()  # recomputed: the compiled forward kept no KL for it
+    assert torch.isfinite(layer.log_sigma2.grad).all()
+
+
 def test_layers_run_eagerly_where_the_kernels_do_not_apply():
     for layer, x in [
         (LinearVBD(6, 3).double(), torch.randn(4, 6, dtype=torch.float64)),  # not float32
@@ -256,6 +323,12 @@ def test_layers_run_eagerly_where_the_kernels_do_not_apply():
         (LinearVBD(6, 3, train_clip=True), torch.randn(4, 6)),  # masks in training
         (Conv2dVBD(2, 3, 3, padding="same"), torch.randn(1, 2, 5, 5)),  # string padding
         (Conv2dVBD(2, 3, 3, padding_mode="reflect", padding=1), torch.randn(1, 2, 5, 5)),
+        (  # θ channels-last, log σ² not
+            torch.nn.utils.convert_conv2d_weight_memory_format(
+                Conv2dVBD(3, 4, 3), torch.channels_last
+            ),
+            torch.randn(2, 3, 6, 6),
+        ),
     ]:
         layer.train()
         out = layer(x)
@@ -284,6 +357,15 @@ def test_a_prior_subclass_with_its_own_kl_gets_neither_the_parents_kernel_nor_cl
             kernels.set_enabled(previous)
 
 
+def test_cpu_autocast_runs_the_eager_path():
+    layer = LinearVBD(20, 7).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(4, 20))
+    assert out.dtype == torch.bfloat16 and layer not in _FORWARD_KL
+    out.float().sum().backward()
+    assert torch.isfinite(layer.log_sigma2.grad).all()
+
+
 def test_set_enabled_switches_to_the_eager_path():
     layer = _layer("linear", "hierarchical", True)
     previous = kernels.set_enabled(False)
@@ -292,6 +374,8 @@ def test_set_enabled_switches_to_the_eager_path():
         layer(torch.randn(3, 20))
         assert layer not in _FORWARD_KL
         assert "GaussianTrainingForward" not in type(layer.kl().grad_fn).__name__
+        with pytest.raises(RuntimeError, match="not in use: eager: disabled"):
+            kernels.kl_sum(layer.weight, layer.log_sigma2, (0, ()))
     finally:
         kernels.set_enabled(previous)
     assert kernels.status() == "fused"

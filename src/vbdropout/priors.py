@@ -76,9 +76,12 @@ class Prior:
         return None
 
     def _kl_overridden(self, cls: type[Prior]) -> bool:
-        """Whether a subclass of ``cls`` replaced its ``kl``: then ``cls``'s closed forms
-        (its exact additive KL, its kernel) no longer describe this prior."""
-        return type(self).kl is not cls.kl
+        """Whether a subclass of ``cls`` replaced its ``kl`` or ``kl_sum_additive``: then
+        ``cls``'s closed forms (its exact additive KL, its kernel) no longer describe
+        this prior."""
+        return (
+            type(self).kl is not cls.kl or type(self).kl_sum_additive is not Prior.kl_sum_additive
+        )
 
     def kl_sum_additive(self, theta: Tensor, log_sigma2: Tensor) -> Tensor:
         """Σ KL over weights given θ and log σ² (the additive parameterization).

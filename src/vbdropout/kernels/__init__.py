@@ -19,16 +19,19 @@ The C++ source (``cpu.cpp``) is compiled on first use with
 caches the library in ``TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``). It needs a C++ compiler and ninja (a dependency
 of vbdropout on Linux). When the build fails, or for tensors the kernels do not
-take (not CPU float32, not dense), the callers run their
-eager PyTorch versions; :func:`status` says which path is in use and why.
+take (not CPU float32, not dense, under CPU autocast or ``torch.func``
+transforms), the callers run their eager PyTorch versions; :func:`status` says
+which path is in use and why. The kernels use torch's OpenMP thread pool where
+torch runs on GNU OpenMP (Linux wheels); elsewhere they run single-threaded.
 
 Set ``VBDROPOUT_CPU_KERNELS=0`` to never build or use them. Two differences from
-the eager path: the noise is a different (equally N(0, 1)) random stream, and the
-fused functions are differentiable once (no double backward or ``torch.func``
-transforms; use the environment variable for those).
+the eager path: the noise is a different (equally N(0, 1), reaching |z| = 6.7)
+random stream, and the fused functions are differentiable once (no double
+backward; use the environment variable for that). Results do not depend on the
+number of threads.
 """
 
-from .build import ENV_VAR, available, set_enabled, status, supports
+from .build import ENV_VAR, available, compiling, require, set_enabled, status, supports
 from .functions import ConvGeometry, KLSpec, gaussian_training_forward, kl_sum, lrt_sample
 
 __all__ = [
@@ -36,9 +39,11 @@ __all__ = [
     "ConvGeometry",
     "KLSpec",
     "available",
+    "compiling",
     "gaussian_training_forward",
     "kl_sum",
     "lrt_sample",
+    "require",
     "set_enabled",
     "status",
     "supports",

@@ -6,14 +6,14 @@ import hashlib
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["ENV_VAR", "available", "set_enabled", "status", "supports"]
+__all__ = ["ENV_VAR", "available", "compiling", "require", "set_enabled", "status", "supports"]
 
 ENV_VAR = "VBDROPOUT_CPU_KERNELS"
 _SOURCE = Path(__file__).with_name("cpu.cpp")
@@ -42,13 +42,27 @@ def _compile_flags() -> list[str]:
     -ffast-math is a compile flag only: at link time it would add crtfastmath.o,
     which turns on flush-to-zero for the whole process when the library loads.
     """
-    flags = ["-O3", "-ffast-math", "-fopenmp"]
+    flags = ["-O3", "-ffast-math"] + (["-fopenmp"] if _torch_uses_libgomp() else [])
     capability = torch.backends.cpu.get_cpu_capability()
     if capability in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
     if capability == "AVX512":
         flags += ["-mavx512f", "-mavx512dq", "-mprefer-vector-width=512"]
     return flags
+
+
+def _torch_uses_libgomp() -> bool:
+    """Whether torch runs on GNU OpenMP (libgomp is loaded in this process).
+
+    Only then are the kernels built with -fopenmp: linked to the same libgomp, they
+    share torch's thread pool. Beside another OpenMP runtime (LLVM's, Intel's) a
+    second one would compete with it, so there the kernels run single-threaded.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            return "libgomp" in maps.read()
+    except OSError:  # no /proc: not Linux
+        return False
 
 
 @contextmanager
@@ -99,8 +113,10 @@ def available() -> bool:
     if not _state["enabled"]:
         return False
     if _state["loaded"] is None:
-        if hasattr(torch.ops.vbdropout, "lrt_sample"):  # loaded by another copy
+        if hasattr(torch.ops.vbdropout, "lrt_sample"):  # loaded by a reloaded copy of us
             _state.update(loaded=True, reason="")
+            with suppress(RuntimeError):  # that copy may have registered them already
+                _register_fake_kernels()
         else:
             try:
                 _build()
@@ -120,6 +136,12 @@ def _first_error(error: Exception) -> str:
     return (errors or lines)[0][:300]
 
 
+def require() -> None:
+    """Raise ``RuntimeError`` saying why, unless the kernels are on and loaded."""
+    if not available():
+        raise RuntimeError(f"vbdropout's fused CPU kernels are not in use: {status()}")
+
+
 def status() -> str:
     """``"fused"`` or ``"eager: <why>"`` (builds the kernels if not tried yet)."""
     if not _state["enabled"]:
@@ -129,8 +151,10 @@ def status() -> str:
 
 def supports(*tensors: Tensor) -> bool:
     """Whether the kernels are on and take these tensors: CPU float32, dense
-    (contiguous or channels-last); builds the kernels on the first call."""
-    if not _state["enabled"]:
+    (contiguous or channels-last), outside CPU autocast and ``torch.func``
+    transforms (which the autograd functions do not implement); builds the kernels
+    on the first call."""
+    if not _state["enabled"] or _autocast_or_functorch():
         return False
     for t in tensors:
         if t.device.type != "cpu" or t.dtype != torch.float32 or t.layout != torch.strided:
@@ -141,6 +165,21 @@ def supports(*tensors: Tensor) -> bool:
         ):
             return False
     return available()
+
+
+def _autocast_or_functorch() -> bool:
+    try:
+        autocast = torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        autocast = torch.is_autocast_cpu_enabled()
+    functorch = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
+    return bool(autocast or functorch)
+
+
+def compiling() -> bool:
+    """Whether torch.compile is tracing the current code."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling and is_compiling())
 
 
 def _register_fake_kernels() -> None:

@@ -2,8 +2,13 @@
 // vbdropout/kernels/build.py; vbdropout/kernels/functions.py wraps them in
 // autograd functions, and every caller keeps an eager PyTorch path.
 //
-// Results do not depend on the number of threads: sums are accumulated per
-// fixed-size chunk and the noise of element i depends only on (seed, i).
+// Results do not depend on the number of threads: work is split into chunks of
+// fixed size (the same vector body / scalar tail split whatever the threads), sums
+// are accumulated per chunk, and the noise of element i depends only on (seed, i).
+//
+// Compiled with -ffast-math (for glibc's vectorized exp/log/cos), under which the
+// compiler may assume that no value is NaN or inf; the KL sums therefore test the
+// inputs' bit patterns and return NaN when one is not finite.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -15,6 +20,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -86,17 +93,28 @@ void with_kl(int64_t prior, const std::vector<double>& c, const F& f) {
 // ---------------------------------------------------------------------------
 // Loops over one chunk (plain functions with restrict pointers, so that they vectorize).
 
+// 1 if x is NaN or ±inf (its exponent bits all set), read from the bits so that
+// -ffast-math cannot assume it away.
+inline uint32_t not_finite(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits & 0x7f800000u) == 0x7f800000u;
+}
+
+// Σ KL over n weights (NaN if an input is not finite), and σ² if kWriteSigma2.
 template <class KL, bool kWriteSigma2>
 float kl_chunk(const KL& kl, const float* __restrict t, const float* __restrict s,
                float* __restrict sigma2, int64_t n) {
   float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
+  uint32_t bad = 0;
+#pragma omp simd reduction(+ : acc) reduction(| : bad)
   for (int64_t i = 0; i < n; ++i) {
     const float v = std::exp(s[i]);
     if constexpr (kWriteSigma2) sigma2[i] = v;
     acc += kl.value(t[i], s[i], v);
+    bad |= not_finite(t[i]) | not_finite(s[i]);
   }
-  return acc;
+  return bad ? std::numeric_limits<float>::quiet_NaN() : acc;
 }
 
 template <class KL>
@@ -127,6 +145,14 @@ void weight_grads_chunk(const KL& kl, const float* __restrict t, const float* __
 // ---------------------------------------------------------------------------
 // Ops.
 
+// f(begin, end) over [0, n) in chunks of `chunk` elements, the chunks in parallel.
+template <class F>
+void for_chunks(int64_t n, int64_t chunk, const F& f) {
+  at::parallel_for(0, (n + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) f(c * chunk, std::min(n, (c + 1) * chunk));
+  });
+}
+
 void check_dense_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32");
@@ -155,17 +181,13 @@ at::Tensor kl_sum_into(const at::Tensor& theta, const at::Tensor& log_sigma2, in
   const float* t = theta.const_data_ptr<float>();
   const float* s = log_sigma2.const_data_ptr<float>();
   const int64_t n = theta.numel();
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  std::vector<double> partial(chunks, 0.0);
+  std::vector<double> partial((n + kChunk - 1) / kChunk, 0.0);
   with_kl(prior, constants, [&](const auto& kl) {
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t b = c * kChunk;
-        const int64_t count = std::min(kChunk, n - b);
-        partial[c] = sigma2 == nullptr
-                         ? kl_chunk<std::decay_t<decltype(kl)>, false>(kl, t + b, s + b, nullptr, count)
-                         : kl_chunk<std::decay_t<decltype(kl)>, true>(kl, t + b, s + b, sigma2 + b, count);
-      }
+    using KL = std::decay_t<decltype(kl)>;
+    for_chunks(n, kChunk, [&](int64_t b, int64_t e) {
+      partial[b / kChunk] = sigma2 == nullptr
+                                ? kl_chunk<KL, false>(kl, t + b, s + b, nullptr, e - b)
+                                : kl_chunk<KL, true>(kl, t + b, s + b, sigma2 + b, e - b);
     });
   });
   double sum = 0.0;
@@ -195,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor> kl_sum_backward(const at::Tensor& theta,
   float* gs = grad_log_sigma2.data_ptr<float>();
   const float g = scalar_grad(grad);
   with_kl(prior, constants, [&](const auto& kl) {
-    at::parallel_for(0, theta.numel(), kChunk, [&](int64_t b, int64_t e) {
+    for_chunks(theta.numel(), kChunk, [&](int64_t b, int64_t e) {
       kl_grads_chunk(kl, t + b, s + b, gt + b, gs + b, g, e - b);
     });
   });
@@ -232,14 +254,14 @@ void weight_grads_(const at::Tensor& theta, const at::Tensor& log_sigma2,
   float* gv = grad_sigma2.data_ptr<float>();
   const float g = scalar_grad(grad);
   with_kl(prior, constants, [&](const auto& kl) {
-    at::parallel_for(0, theta.numel(), kChunk, [&](int64_t b, int64_t e) {
+    for_chunks(theta.numel(), kChunk, [&](int64_t b, int64_t e) {
       weight_grads_chunk(kl, t + b, s + b, v + b, gt + b, gv + b, g, e - b);
     });
   });
 }
 
 // Two independent N(0, 1) numbers per counter: the SplitMix64 output for state
-// seed + index·γ, split into two 24-bit uniforms, then Box–Muller. (sin is
+// seed + index·γ, split into two uniforms, then Box–Muller. (sin is
 // written as a shifted cos so that both vectorize; the compiler would otherwise
 // merge them into a sincos call that does not.)
 void normal_pairs(uint64_t seed, int64_t first, int64_t count, float* __restrict z0,
@@ -250,7 +272,8 @@ void normal_pairs(uint64_t seed, int64_t first, int64_t count, float* __restrict
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
     z ^= z >> 31;
-    const float u1 = (static_cast<float>(static_cast<int32_t>(z >> 40)) + 1.0f) * 0x1p-24f;
+    // u1 in (0, 1] from the high 32 bits (so |z| reaches 6.7), u2 in [0, 1) from 24 more
+    const float u1 = (static_cast<float>(static_cast<int64_t>(z >> 32)) + 1.0f) * 0x1p-32f;
     const float u2 = static_cast<float>(static_cast<int32_t>((z >> 8) & 0xFFFFFF)) * 0x1p-24f;
     const float radius = std::sqrt(-2.0f * std::log(u1));
     const float angle = 6.2831853071795865f * u2;
@@ -290,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor> lrt_sample(const at::Tensor& mean, const at::
   const int64_t n = mean.numel();
   const uint64_t key = static_cast<uint64_t>(*seed.const_data_ptr<int64_t>());
   const float e = static_cast<float>(eps);
-  at::parallel_for(0, (n + 1) / 2, kChunk / 2, [&](int64_t begin, int64_t end) {
+  for_chunks((n + 1) / 2, kChunk / 2, [&](int64_t begin, int64_t end) {
     float z0[kNoiseBlock], z1[kNoiseBlock];
     for (int64_t p = begin; p < end; p += kNoiseBlock) {
       const int64_t count = std::min(kNoiseBlock, end - p);

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .build import require
+
 __all__ = ["ConvGeometry", "KLSpec", "gaussian_training_forward", "kl_sum", "lrt_sample"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -46,6 +48,7 @@ class _LRTSample(torch.autograd.Function):
 
 def lrt_sample(mean: Tensor, var: Tensor, eps: float) -> Tensor:
     """b = μ + sqrt(v + ε)·z, z ~ N(0, 1) per element; ``mean`` and ``var`` share strides."""
+    require()
     return _LRTSample.apply(mean, var, eps)
 
 
@@ -77,6 +80,7 @@ class _KLSum(torch.autograd.Function):
 
 def kl_sum(theta: Tensor, log_sigma2: Tensor, spec: KLSpec) -> Tensor:
     """Σ KL over the weights of the prior ``spec``; ``theta`` and ``log_sigma2`` share strides."""
+    require()
     return _KLSum.apply(theta, log_sigma2, spec)
 
 
@@ -191,6 +195,7 @@ def gaussian_training_forward(
 ) -> tuple[Tensor, Tensor]:
     """(LRT sample, KL) of a linear (``geometry=None``, inputs of any shape (…, in))
     or convolutional layer; see :class:`_GaussianTrainingForward`."""
+    require()
     if geometry is not None:
         return _GaussianTrainingForward.apply(x, theta, log_sigma2, bias, geometry, eps, spec)
     flat = x.reshape(-1, x.shape[-1])

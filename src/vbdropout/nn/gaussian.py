@@ -56,11 +56,11 @@ _VAR_EPS = 1e-8
 AlphaPer = Literal["weight", "unit", "layer"]
 
 # The KL that a layer's last fused training forward computed, with the parameters'
-# state key at the time; kept outside the module so that deepcopy and pickling
-# never meet the non-leaf tensor.
-_FORWARD_KL: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], Tensor]] = (
-    weakref.WeakKeyDictionary()
-)
+# state key and the parameter tensors it was computed from; kept outside the module
+# so that deepcopy and pickling never meet the non-leaf tensor.
+_FORWARD_KL: weakref.WeakKeyDictionary[
+    nn.Module, tuple[tuple[int, ...], Tensor, Tensor, Tensor]
+] = weakref.WeakKeyDictionary()
 
 
 def _validate_threshold(threshold: float | None) -> float | None:
@@ -221,15 +221,22 @@ class GaussianWeight(VariationalModule):
         """KL(q(W) || p(W)) summed over the layer's weights (biases are deterministic).
 
         After a fused training forward (:meth:`_fused_training_forward`), the KL it
-        computed alongside σ² is returned once, when the parameters have not
-        changed since and its graph has not been through a backward pass yet.
+        computed alongside σ² is returned once, when it was computed from these
+        very parameter tensors, they have not changed since (an optimizer step, an
+        in-place update or ``load_state_dict``; writes through ``.data`` are not
+        seen) and its graph has not been through a backward pass yet. Until then
+        it keeps that forward's graph alive, as the forward's output does.
         """
         if self.additive:
             cached = _FORWARD_KL.pop(self, None)
-            if cached is not None and cached[0] == self._kl_key():
-                kl = cached[1]
-                if not getattr(kl.grad_fn, "backward_ran", False):
-                    return kl if torch.is_grad_enabled() else kl.detach()
+            if (
+                cached is not None
+                and cached[1] is self.weight
+                and cached[2] is self.log_sigma2
+                and cached[0] == self._kl_key()
+                and not getattr(cached[3].grad_fn, "backward_ran", False)
+            ):
+                return cached[3] if torch.is_grad_enabled() else cached[3].detach()
             return self.prior.kl_sum_additive(self.weight, self.log_sigma2)
         kl = self.prior.kl(self.log_alpha)
         return kl.sum() * (self.weight.numel() // kl.numel())
@@ -264,6 +271,8 @@ class GaussianWeight(VariationalModule):
             return None
         if self.train_clip or not self._fusable(x):
             return None
+        if self.weight.stride() != self.log_sigma2.stride():  # e.g. only θ made channels-last
+            return None
         tensors = (x, self.weight, self.log_sigma2) + (() if self.bias is None else (self.bias,))
         if not kernels.supports(*tensors):
             return None
@@ -271,8 +280,8 @@ class GaussianWeight(VariationalModule):
             x, self.weight, self.log_sigma2, self.bias, self._geometry(), _VAR_EPS,
             self.prior.kernel_spec(),
         )  # fmt: skip
-        if kl.requires_grad:
-            _FORWARD_KL[self] = (self._kl_key(), kl)
+        if kl.requires_grad and not kernels.compiling():  # compiled graphs: kl() recomputes
+            _FORWARD_KL[self] = (self._kl_key(), self.weight, self.log_sigma2, kl)
         return out
 
     def forward(self, x: Tensor) -> Tensor:

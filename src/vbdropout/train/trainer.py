@@ -472,7 +472,7 @@ def _train_locked(
         "epochs": config.epochs,
         "seed": config.seed,
         "device": str(device),
-        "cpu_kernels": kernels.status(),
+        "cpu_kernels": kernels.status() if device.type == "cpu" else f"unused on {device}",
         "test_error": test["error"],
         "test_nll": test["nll"],
         "compression": report.to_dict(),
