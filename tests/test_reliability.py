@@ -47,7 +47,7 @@ from vbdropout.nn import LinearVBD
 from vbdropout.priors import LOG_ALPHA_RANGE
 from vbdropout.train import DivergenceError, TrainConfig, train, train_epoch
 from vbdropout.train.checkpoint import FAULT_ENV, CheckpointError, load_checkpoint
-from vbdropout.train.trainer import load_run
+from vbdropout.train.trainer import _alive, load_run
 
 EPOCHS = 16  # of the runs that are killed, raced and compared
 SUBSET = 600  # training examples: 6 steps of 100 per epoch
@@ -762,3 +762,21 @@ def test_every_flipped_byte_of_an_unlisted_gzip_body_is_detected(tmp_path: Path)
         path.write_bytes(good)
     assert "corrupt or truncated gzip" in problems
     print(f"\n{len(good) - gzip_body_start(good)} flips detected as: {sorted(problems)}")
+
+
+def test_a_zombie_does_not_hold_a_run_lock():
+    """Killed workers of a multi-process run stay zombies until init reaps them; the
+    lock file may name one of them, and a resume must be able to take it over."""
+    assert _alive(os.getpid())
+    pid = os.fork()
+    if pid == 0:  # the child exits at once and stays unreaped: a zombie
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        assert not _alive(pid)
+    finally:
+        os.waitpid(pid, 0)
+    assert not _alive(pid)

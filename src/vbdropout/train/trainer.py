@@ -168,13 +168,19 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs. A zombie — dead, not yet reaped, which happens to
+    the workers of a killed multi-process run until init collects them — does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (not Linux), or it just exited
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # the state follows "(comm)"
 
 
 def _prepare_out(out: Path) -> None:
