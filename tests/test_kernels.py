@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -408,6 +410,28 @@ def test_environment_variable_and_failed_build_fall_back_to_eager(tmp_path):
     assert broken.returncode == 0, broken.stderr
     assert "eager: build failed" in broken.stdout
     assert "vbdropout CPU kernels unavailable" in broken.stderr  # said once, as a warning log
+
+
+def test_a_lock_left_by_a_killed_build_does_not_block_the_next(tmp_path):
+    from vbdropout.kernels import build
+
+    name_of = """
+        from torch.utils.cpp_extension import _get_build_directory
+        from vbdropout.kernels import build
+        print(_get_build_directory(build._extension_name(build._compile_flags()), False))
+    """
+    found = _python(name_of, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert found.returncode == 0, found.stderr
+    lock = Path(found.stdout.strip()) / "lock"
+    lock.write_text("")  # what a SIGKILLed build leaves behind
+    old = time.time() - build.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    result = _python(
+        "from vbdropout import kernels; print(kernels.status())", TORCH_EXTENSIONS_DIR=str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "fused"
+    assert "left" in result.stderr and "by a build that did not finish" in result.stderr
 
 
 def test_loading_the_kernels_keeps_denormal_floats():

@@ -81,25 +81,49 @@ def _ninja_on_path() -> Any:
         os.environ["PATH"] = before
 
 
+def _extension_name(flags: list[str]) -> str:
+    """The library's name: CPU capability and a digest of the source, flags and torch."""
+    digest = hashlib.sha256(
+        (_SOURCE.read_text() + " ".join(flags) + torch.__version__).encode()
+    ).hexdigest()[:12]
+    return f"vbdropout_cpu_{torch.backends.cpu.get_cpu_capability().lower()}_{digest}"
+
+
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
     flags = _compile_flags()
-    digest = hashlib.sha256(
-        (_SOURCE.read_text() + " ".join(flags) + torch.__version__).encode()
-    ).hexdigest()[:12]
-    name = f"vbdropout_cpu_{torch.backends.cpu.get_cpu_capability().lower()}_{digest}"
+    name = _extension_name(flags)
+    _remove_stale_lock(name)
     start = time.perf_counter()
+    openmp = ["-fopenmp"] if "-fopenmp" in flags else []
     with _ninja_on_path():
         load(
             name=name,
             sources=[str(_SOURCE)],
             extra_cflags=flags,
-            extra_ldflags=["-fopenmp"] + (["-lmvec"] if _has_libmvec() else []),
+            extra_ldflags=openmp + (["-lmvec"] if _has_libmvec() else []),
             is_python_module=False,
             verbose=False,
         )
     _log.info("vbdropout CPU kernels ready (%s, %.1f s)", name, time.perf_counter() - start)
+
+
+STALE_LOCK_SECONDS = 600
+"""A build lock older than this was left by a killed build (a build takes seconds)."""
+
+
+def _remove_stale_lock(name: str) -> None:
+    """Delete the lock file of a build that was killed mid-way (SIGKILL, OOM killer):
+    torch would otherwise wait for it forever, silently, at the first training step."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, False)) / "lock"
+    with suppress(FileNotFoundError):
+        age = time.time() - lock.stat().st_mtime
+        if age > STALE_LOCK_SECONDS:
+            _log.warning("removing %s, left %.0f s ago by a build that did not finish", lock, age)
+            lock.unlink()
 
 
 def _has_libmvec() -> bool:
