@@ -241,6 +241,33 @@ def test_fused_training_forward_gives_the_eager_gradients(kind, prior, bias):
         torch.testing.assert_close(fused.grad, eager.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_fused_gradients_have_the_eager_mean_and_variance_over_noise_draws():
+    # the two paths draw different noise streams; over many draws the gradient of a
+    # loss must have the same expectation and variance (what training sees)
+    torch.manual_seed(0)
+    layer = LinearVBD(30, 10).train()
+    with torch.no_grad():
+        layer.log_sigma2.uniform_(-4.0, 0.0)
+    x, weights = torch.randn(16, 30), torch.randn(16, 10)
+
+    def moments(fused: bool, draws: int = 3000) -> tuple[torch.Tensor, torch.Tensor]:
+        previous = kernels.set_enabled(fused)
+        torch.manual_seed(1)
+        grads = []
+        for _ in range(draws):
+            layer.zero_grad(set_to_none=True)
+            ((torch.tanh(layer(x)) * weights).sum() + layer.kl()).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in layer.parameters()]))
+        kernels.set_enabled(previous)
+        g = torch.stack(grads).double()
+        return g.mean(0), g.var(0)
+
+    (mean_f, var_f), (mean_e, var_e) = moments(True), moments(False)
+    z = (mean_f - mean_e) / torch.sqrt((var_f + var_e) / 3000)
+    assert z.abs().max() < 5 and abs(z.mean()) < 0.5, (z.abs().max(), z.mean())
+    assert 0.9 < (var_f.sum() / var_e.sum()).item() < 1.1
+
+
 def test_forward_kl_is_handed_out_once_and_only_while_valid():
     layer = _layer("linear", "hierarchical", True)
     x = torch.randn(8, 20)
