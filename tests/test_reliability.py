@@ -18,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,7 +48,7 @@ from vbdropout.nn import LinearVBD
 from vbdropout.priors import LOG_ALPHA_RANGE
 from vbdropout.train import DivergenceError, TrainConfig, train, train_epoch
 from vbdropout.train.checkpoint import FAULT_ENV, CheckpointError, load_checkpoint
-from vbdropout.train.trainer import _alive, load_run
+from vbdropout.train.trainer import _alive, _holder_pid, load_run
 
 EPOCHS = 16  # of the runs that are killed, raced and compared
 SUBSET = 600  # training examples: 6 steps of 100 per epoch
@@ -780,3 +781,22 @@ def test_a_zombie_does_not_hold_a_run_lock():
     finally:
         os.waitpid(pid, 0)
     assert not _alive(pid)
+
+
+def test_a_refused_run_waits_for_the_holder_to_write_its_pid(tmp_path):
+    """The winner of a lock race writes its pid just after taking the flock; the loser
+    used to read the file in between and report 'pid unknown' (seen in fresh-ci)."""
+    lock = tmp_path / ".lock"
+    lock.write_text("")
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        writer = threading.Timer(0.05, lock.write_text, args=("12345",))
+        writer.start()
+        assert _holder_pid(fd) == 12345
+        writer.join()
+        lock.write_text("")
+        start = time.monotonic()
+        assert _holder_pid(fd, patience=0.1) == 0  # a holder that never writes one
+        assert time.monotonic() - start < 1
+    finally:
+        os.close(fd)

@@ -25,6 +25,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,7 +121,7 @@ def run_lock(out: Path) -> Iterator[None]:
             if held and not _same_file(fd, lock):
                 os.close(fd)  # its previous holder unlinked it after we opened it: retry
                 continue
-            pid = _read_pid(fd)
+            pid = _read_pid(fd) if held else _holder_pid(fd)
             if not held or (pid and _alive(pid)):
                 raise RunLockedError(
                     f"{out} is in use by another training process (pid {pid or 'unknown'}); "
@@ -157,6 +158,15 @@ def _read_pid(fd: int) -> int:
         return int(os.pread(fd, 32, 0).decode().strip() or 0)
     except (OSError, ValueError, UnicodeDecodeError):
         return 0
+
+
+def _holder_pid(fd: int, patience: float = 1.0) -> int:
+    """The pid of a lock's live holder, which writes it just after taking the flock:
+    wait up to ``patience`` seconds for it to appear (0 if it never does)."""
+    deadline = time.monotonic() + patience
+    while not (pid := _read_pid(fd)) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return pid
 
 
 def _same_file(fd: int, path: Path) -> bool:
