@@ -90,11 +90,24 @@ def _extension_name(flags: list[str]) -> str:
 
 
 def _build() -> None:
-    from torch.utils.cpp_extension import load
+    """Load the library, building it first unless a finished build of it exists.
+
+    The name encodes the source, the flags and torch's version, so an existing
+    ``NAME.so`` with no build lock beside it is this very library: it is loaded
+    directly, without torch's rebuild check, which rewrites the build file and
+    runs ninja in every process (and recompiles whenever the Python environment's
+    path changes, though the library would be the same).
+    """
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     flags = _compile_flags()
     name = _extension_name(flags)
     _remove_stale_lock(name)
+    directory = Path(_get_build_directory(name, False))
+    built = directory / f"{name}.so"
+    if built.exists() and not (directory / "lock").exists():
+        torch.ops.load_library(str(built))
+        return
     start = time.perf_counter()
     openmp = ["-fopenmp"] if "-fopenmp" in flags else []
     with _ninja_on_path():
