@@ -102,8 +102,8 @@ def _build() -> None:
 
     flags = _compile_flags()
     name = _extension_name(flags)
-    _remove_stale_lock(name)
     directory = Path(_get_build_directory(name, False))
+    _remove_stale_lock(directory / "lock")
     built = directory / f"{name}.so"
     if built.exists() and not (directory / "lock").exists():
         torch.ops.load_library(str(built))
@@ -126,12 +126,9 @@ STALE_LOCK_SECONDS = 600
 """A build lock older than this was left by a killed build (a build takes seconds)."""
 
 
-def _remove_stale_lock(name: str) -> None:
+def _remove_stale_lock(lock: Path) -> None:
     """Delete the lock file of a build that was killed mid-way (SIGKILL, OOM killer):
     torch would otherwise wait for it forever, silently, at the first training step."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = Path(_get_build_directory(name, False)) / "lock"
     with suppress(FileNotFoundError):
         age = time.time() - lock.stat().st_mtime
         if age > STALE_LOCK_SECONDS:
