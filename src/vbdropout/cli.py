@@ -178,8 +178,10 @@ _TRAIN_FIELDS = {
     "device",
     "data_dir",
     "train_subset",
-    "threshold",
+    "log_alpha_threshold",
+    "unit_threshold",
     "train_clip",
+    "input_scaling",
     "init",
     "nproc",
 }
@@ -211,8 +213,29 @@ def _add_train_parser(sub: Any) -> None:
     train.add_argument(
         "--train-subset", type=_positive_int, help="use the first K training examples"
     )
-    train.add_argument("--threshold", type=float, help="log α pruning threshold (default 3)")
-    train.add_argument("--train-clip", action="store_true", default=None)
+    train.add_argument(
+        "--log-alpha-threshold",
+        "--threshold",
+        dest="log_alpha_threshold",
+        type=float,
+        help="weight-level methods: prune a weight when its log α exceeds this (default 3)",
+    )
+    train.add_argument(
+        "--unit-threshold",
+        type=float,
+        help="structured VBD: keep a unit while its log α is at most this (default 0)",
+    )
+    train.add_argument(
+        "--train-clip",
+        action="store_true",
+        default=None,
+        help="also drop pruned weights/units while training (default: off)",
+    )
+    train.add_argument(
+        "--input-scaling",
+        choices=["standardize", "unit"],
+        help="pixels standardized per channel, or only scaled to [0, 1] (default standardize)",
+    )
     train.add_argument("--init", help="initialize from a checkpoint (e.g. a pretrained plain net)")
     train.add_argument(
         "--nproc", type=_positive_int, help="data-parallel worker processes (global --batch-size)"

@@ -78,7 +78,8 @@ def _run_cell(
             r for r in table.rows if r.label == row.evaluate_run_of and r.model == row.model
         )
         run_dir = base / "runs" / f"{parent.key}-seed{seed}"
-        summary, model = _reevaluate(run_dir, data_dir, row.method_options.get("threshold", 3.0))
+        threshold = row.method_options.get("log_alpha_threshold", TrainConfig.log_alpha_threshold)
+        summary, model = _reevaluate(run_dir, data_dir, threshold)
     neurons = neurons_per_layer(shrink(model))
     return {
         "table": table.number,
