@@ -83,6 +83,6 @@ def test_a_short_structured_vbd_run_prunes_hidden_units(tmp_path, capsys):
         tmp_path, capsys, "--model", "lenet500_300", "--method", "vbd_structured",
         "--epochs", "10", "--lr", "0.01",
     )  # fmt: skip
-    inputs, hidden1, hidden2, classes = neurons_per_layer(shrink(model))
+    _, hidden1, hidden2, classes = neurons_per_layer(shrink(model))
     assert hidden1 <= 400 and hidden2 <= 240 and classes == 10
     assert summary["test_error"] < 0.1
