@@ -29,6 +29,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seeds(text: str) -> int | range:
+    """``N`` (a count: seeds 0..N-1) or ``A-B`` (seeds A..B inclusive, 0 <= A <= B)."""
+    first, dash, last = text.partition("-")
+    if not dash:
+        return _positive_int(text)
+    try:
+        start, stop = int(first), int(last)
+    except ValueError:
+        start, stop = -1, -1
+    if not 0 <= start <= stop:
+        raise argparse.ArgumentTypeError(
+            f"expected N or a seed range A-B with 0 <= A <= B, got {text!r}"
+        )
+    return range(start, stop + 1)
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -296,7 +312,13 @@ def _add_train_parser(sub: Any) -> None:
     repro.add_argument("table", choices=["table1", "table2", "table3", "table4", "table5"])
     repro.add_argument("--budget", choices=["quick", "paper"], default="quick")
     repro.add_argument("--only", help="regular expression on 'label method model column'")
-    repro.add_argument("--seeds", type=_positive_int, default=1)
+    repro.add_argument(
+        "--seeds",
+        type=_seeds,
+        default=1,
+        help="N: seeds 0..N-1; A-B: seeds A..B (inclusive), e.g. to split a table across "
+        "processes (default 1)",
+    )
     repro.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     repro.add_argument("--out", default="results")
     repro.add_argument("--data-dir")

@@ -126,7 +126,7 @@ def reproduce(
     table: str,
     budget: str = "quick",
     only: str | None = None,
-    seeds: int = 1,
+    seeds: int | range = 1,
     device: str = "auto",
     out: str | Path = "results",
     data_dir: str | None = None,
@@ -140,6 +140,8 @@ def reproduce(
     ``out``, also those that earlier calls with another ``only`` ran; the returned
     ``cells`` are the matching ones.
 
+    ``seeds``: how many seeds (0 .. seeds − 1), or a ``range`` of them (e.g. ``range(1, 3)``
+    to run seeds 1 and 2 in another process beside one running seed 0).
     ``epochs``/``train_subset`` override the budget's (a custom, labelled budget).
     """
     if table not in TABLES:
@@ -152,8 +154,9 @@ def reproduce(
         custom = Budget(epochs or base_budget.epochs, train_subset or base_budget.train_subset)
         budget = f"custom-e{custom.epochs}-n{custom.train_subset}"
         spec = dataclasses.replace(spec, budgets={**spec.budgets, budget: custom})
-    if seeds < 1:
-        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    seed_list = seeds if isinstance(seeds, range) else range(seeds)
+    if len(seed_list) < 1 or seed_list.start < 0:
+        raise ValueError(f"seeds must name at least one seed >= 0, got {seeds}")
     pattern = re.compile(only, re.IGNORECASE) if only else None
     out = Path(out)
     base = _cell_dir(out, table, budget)
@@ -165,7 +168,7 @@ def reproduce(
         if row.method not in METHODS:
             skipped.append(f"{row.label} ({row.method}): method not implemented yet")
             continue
-        for seed in range(seeds):
+        for seed in seed_list:
             path = base / "cells" / row.key / f"seed{seed}.json"
             if path.is_file():
                 cells.append(json.loads(path.read_text()))
