@@ -62,3 +62,26 @@ def test_resume_reads_the_runs_own_config(tmp_path, shared_data, capsys):
     assert summary["method"] == "sparse_vd" and summary["config"]["train_subset"] == 300
     assert main(["train", "--out", out, "--resume", "--epochs", "5"]) == 1
     assert "config differs in ['epochs']" in capsys.readouterr().err
+
+
+def test_train_help_groups_options_states_defaults_and_lists_methods(capsys):
+    from vbdropout.cli import build_parser
+    from vbdropout.models import METHODS
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    groups = {g.title: g for g in train._action_groups}
+    for title in ("model and data", "schedule (defaults: the model's protocol, above)", "run"):
+        assert title in groups
+    for action in train._actions:
+        if action.option_strings and action.dest != "help":
+            assert "default" in (action.help or ""), f"{action.option_strings} states no default"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    for name, cls in METHODS.items():
+        summary = cls.__doc__.strip().splitlines()[0]
+        assert f"{name:<21} {summary}" in text and f"{name:<21} {summary}" in top

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -101,13 +103,13 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     if not args.json:
         lines = [f"{result['model']}/{result['method']} on {result['dataset']}"]
         lines.append(
-            f"  deterministic: error {100 * result['error']:.2f}%  NLL {result['nll']:.4f}  "
-            f"ECE {result['ece']:.4f}"
+            f"  deterministic: error {100 * result['test_error']:.2f}%  "
+            f"NLL {result['test_nll']:.4f}  ECE {result['test_ece']:.4f}"
         )
         if args.mc_samples:
             lines.append(
-                f"  MC ({args.mc_samples} samples): error {100 * result['mc_error']:.2f}%  "
-                f"NLL {result['mc_nll']:.4f}  ECE {result['mc_ece']:.4f}"
+                f"  MC ({args.mc_samples} samples): error {100 * result['mc_test_error']:.2f}%  "
+                f"NLL {result['mc_test_nll']:.4f}  ECE {result['mc_test_ece']:.4f}"
             )
         print("\n".join(lines))
     return result
@@ -203,6 +205,13 @@ _TRAIN_FIELDS = {
 }
 
 
+def _method_list(methods: dict[str, Any]) -> str:
+    """One line per method: its name and the first line of its class docstring."""
+    return "\n".join(
+        f"  {name:<21} {inspect.getdoc(cls).splitlines()[0]}" for name, cls in methods.items()
+    )
+
+
 def _add_train_parser(sub: Any) -> None:
     from .data import DATASETS
     from .models import METHODS, MODELS
@@ -210,58 +219,118 @@ def _add_train_parser(sub: Any) -> None:
     train = sub.add_parser(
         "train",
         help="train a network with a method on a dataset (resumable run directory)",
-        description="Train MODEL with METHOD on DATASET. Unset options take the model's "
-        "protocol defaults (vbdropout/train/protocols.py).",
+        description=textwrap.fill(
+            "Train MODEL with METHOD on DATASET. Unset schedule options take the "
+            "model's protocol defaults (vbdropout/train/protocols.py): for lenet300_100, "
+            "lenet500_300 and lenet5_caffe 200 epochs, batch 100, lr 1e-3 decaying linearly "
+            "from epoch 100, KL warm-up 5 -> 20; for mlp_srivastava 50 epochs (decay from 25, "
+            "warm-up 0 -> 10); for kingma_cifar 100 epochs (decay from 50, warm-up 0 -> 10). "
+            "A changed --epochs scales the decay start and the warm-up with it.",
+            width=78,
+        ),
+        epilog="methods:\n" + _method_list(METHODS),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("--model", choices=sorted(MODELS))
-    train.add_argument("--method", choices=sorted(METHODS))
-    train.add_argument("--dataset", choices=sorted(DATASETS))
-    train.add_argument("--config", help="TOML config (e.g. a run's config.toml); flags override it")
-    train.add_argument("--epochs", type=_positive_int)
-    train.add_argument("--batch-size", type=_positive_int)
-    train.add_argument("--lr", type=_positive_float)
-    train.add_argument("--lr-decay-start", type=int, help="epoch where lr starts its linear decay")
-    train.add_argument("--kl-warmup", type=int, nargs=2, metavar=("START", "END"))
-    train.add_argument("--seed", type=int)
-    train.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    train.add_argument("--out", help="run directory (default runs/MODEL-METHOD-DATASET-seedS)")
-    train.add_argument("--data-dir", help="data folder (default $VBD_DATA_DIR or the user cache)")
-    train.add_argument(
-        "--train-subset", type=_positive_int, help="use the first K training examples"
+    data = train.add_argument_group("model and data")
+    data.add_argument("--model", choices=sorted(MODELS), help="network (default lenet300_100)")
+    data.add_argument("--dataset", choices=sorted(DATASETS), help="dataset (default mnist)")
+    data.add_argument(
+        "--width",
+        type=_positive_int,
+        help="hidden units per layer of mlp_srivastava (default 1060)",
     )
-    train.add_argument(
+    data.add_argument(
+        "--scale", type=_positive_float, help="width multiplier of kingma_cifar (default 1)"
+    )
+    data.add_argument(
+        "--data-dir", help="data folder (default $VBD_DATA_DIR, else ~/.cache/vbdropout)"
+    )
+    data.add_argument(
+        "--train-subset",
+        type=_positive_int,
+        help="train on the first K training examples (default: all)",
+    )
+    data.add_argument(
+        "--input-scaling",
+        choices=["standardize", "unit"],
+        help="pixels standardized per channel, or only scaled to [0, 1] (default standardize)",
+    )
+    method = train.add_argument_group("method (see the list below and docs/METHODS.md)")
+    method.add_argument("--method", choices=sorted(METHODS), help="method (default vbd)")
+    method.add_argument(
         "--log-alpha-threshold",
         "--threshold",
         dest="log_alpha_threshold",
         type=float,
-        help="weight-level methods: prune a weight when its log α exceeds this (default 3)",
+        help="weight-level methods: prune a weight when its log α (natural log) exceeds this "
+        "(default 3)",
     )
-    train.add_argument(
+    method.add_argument(
         "--unit-threshold",
         type=float,
         help="structured VBD: keep a unit while its log α is at most this (default 0)",
     )
-    train.add_argument(
+    method.add_argument(
         "--train-clip",
         action="store_true",
         default=None,
         help="also drop pruned weights/units while training (default: off)",
     )
-    train.add_argument(
-        "--input-scaling",
-        choices=["standardize", "unit"],
-        help="pixels standardized per channel, or only scaled to [0, 1] (default standardize)",
+    method.add_argument(
+        "--init",
+        help="initialize from a run directory or checkpoint, e.g. a trained plain net "
+        "(default: random initialization)",
     )
-    train.add_argument("--init", help="initialize from a checkpoint (e.g. a pretrained plain net)")
-    train.add_argument(
-        "--nproc", type=_positive_int, help="data-parallel worker processes (global --batch-size)"
+    schedule = train.add_argument_group("schedule (defaults: the model's protocol, above)")
+    schedule.add_argument(
+        "--epochs", type=_positive_int, help="passes over the training set (default 200 or 50/100)"
     )
-    train.add_argument("--width", type=_positive_int, help="hidden width of mlp_srivastava")
-    train.add_argument("--scale", type=_positive_float, help="width scale of kingma_cifar")
-    train.add_argument(
-        "--resume", action="store_true", help="continue the run in --out (with its saved config)"
+    schedule.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        help="examples per step, summed over --nproc workers (default 100)",
     )
-    train.add_argument("--json", action="store_true", help="print one JSON object as last line")
+    schedule.add_argument(
+        "--lr", type=_positive_float, help="Adam learning rate, per step (default 1e-3)"
+    )
+    schedule.add_argument(
+        "--lr-decay-start",
+        type=int,
+        help="epoch (0-based) from which lr decays linearly to 0 at the last epoch "
+        "(default half of --epochs)",
+    )
+    schedule.add_argument(
+        "--kl-warmup",
+        type=int,
+        nargs=2,
+        metavar=("START", "END"),
+        help="KL weight 0 before epoch START, linear to 1 at epoch END (default 5 20 for "
+        "the LeNets, 0 10 otherwise; scaled with --epochs)",
+    )
+    run = train.add_argument_group("run")
+    run.add_argument("--out", help="run directory (default runs/MODEL-METHOD-DATASET-seedS)")
+    run.add_argument(
+        "--config", help="TOML config, e.g. a run's config.toml; flags override it (default none)"
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out with its saved config (default: off)",
+    )
+    run.add_argument("--seed", type=int, help="random seed of weights, noise and order (default 0)")
+    run.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="where to train (default auto: cuda if any)",
+    )
+    run.add_argument(
+        "--nproc",
+        type=_positive_int,
+        help="data-parallel worker processes (default 1)",
+    )
+    run.add_argument(
+        "--json", action="store_true", help="print one JSON object as the last line (default: off)"
+    )
     train.set_defaults(run_command=_cmd_train)
 
     evaluate = sub.add_parser(
@@ -329,8 +398,14 @@ def _add_train_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .models import METHODS
+
     parser = argparse.ArgumentParser(
-        prog="vbd", description="Variational Bayesian Dropout: train, compress, reproduce."
+        prog="vbd",
+        description="Variational Bayesian Dropout: train, compress, reproduce. "
+        "`vbd COMMAND --help` lists a command's options with their defaults.",
+        epilog="methods (vbd train --method):\n" + _method_list(METHODS),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -537,16 +537,24 @@ def evaluate_run(
     data_dir: str | None = None,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Deterministic (and MC-averaged) test error, NLL and ECE of a trained run."""
+    """Deterministic (and MC-averaged) test error, NLL and ECE of a trained run.
+
+    The keys are those of every command's JSON (docs/JSON.md): ``test_error``,
+    ``test_nll``, ``test_ece`` and, with ``mc_samples``, ``mc_test_error``,
+    ``mc_test_nll``, ``mc_test_ece``.
+    """
     model, data, config = load_run(path, data_dir)
     target = resolve_device(device)
     result = evaluate(
         model.to(target), data.test_x.to(target), data.test_y.to(target), mc_samples=mc_samples
     )
+    scores = {
+        (f"mc_test_{k[3:]}" if k.startswith("mc_") else f"test_{k}"): v for k, v in result.items()
+    }
     return {
         "model": config.model,
         "method": config.method,
         "dataset": config.dataset,
         "mc_samples": mc_samples,
-        **result,
+        **scores,
     }
