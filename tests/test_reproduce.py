@@ -135,3 +135,18 @@ def test_a_seed_range_runs_only_those_seeds(tmp_path, lenient_data, capsys):
             main([*argv, "--seeds", bad])
         assert exit_info.value.code == 2
     assert "seed range" in capsys.readouterr().err
+
+
+def test_without_matplotlib_reproduce_says_once_which_extra_to_install(
+    tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setitem(sys.modules, "vbdropout.experiments.plots", None)
+    from vbdropout.models import METHODS
+
+    monkeypatch.delitem(METHODS, "sparse_vd")  # no training needed: the row is listed, not run
+    assert main(["reproduce", "table4", "--only", "^VD .*lenet300", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert err.count('pip install "vbdropout[plots]"') == 1

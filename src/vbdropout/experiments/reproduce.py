@@ -29,7 +29,11 @@ from ..train.checkpoint import atomic_write_bytes, atomic_write_json
 from ..train.config import TrainConfig
 from .tables import TABLES, Budget, Row, Table
 
-__all__ = ["reproduce", "table_markdown"]
+__all__ = ["PLOTS_NEED_MATPLOTLIB", "reproduce", "table_markdown"]
+
+PLOTS_NEED_MATPLOTLIB = (
+    'vbd reproduce: no plots written: matplotlib is missing (pip install "vbdropout[plots]")'
+)
 
 
 def _cell_dir(out: Path, table: str, budget: str) -> Path:
@@ -266,9 +270,13 @@ def table_markdown(
 
 
 def _plots(spec: Table, cells: list[dict[str, Any]], base: Path) -> list[str]:
-    """Learning curves, log α histograms and per-layer sparsity bars (needs matplotlib)."""
+    """Learning curves, log α histograms and per-layer sparsity bars (needs matplotlib).
+
+    Without matplotlib no plot is written and one line on stderr says which extra to install.
+    """
     try:
         from .plots import plot_cells
     except ImportError:
+        print(PLOTS_NEED_MATPLOTLIB, file=sys.stderr)
         return []
     return plot_cells(spec, cells, base)
