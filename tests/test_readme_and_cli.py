@@ -26,22 +26,46 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert namespace["report"]["shrunk_parts"] == "whole model"
 
 
-def test_demo_json_is_the_last_line(capsys):
+def test_demo_json_fields_and_picture(tmp_path, capsys):
     pytest.importorskip("sklearn")
-    assert main(["demo", "--epochs", "3", "--json"]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    result = json.loads(last)
-    for key in ("test_error", "baseline_test_error", "compression_ratio", "per_layer"):
-        assert key in result
-    assert 0 <= result["test_error"] <= 1
+    pytest.importorskip("matplotlib")
+    picture = tmp_path / "pics" / "demo.png"
+    argv = ["demo", "--pretrain-epochs", "3", "--epochs", "4", "--plot", str(picture), "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err, "no progress line when stderr is not a terminal"
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    for key in ("test_error", "baseline_test_error", "test_nll", "baseline_test_nll"):
+        assert 0 <= result[key] <= 5
+    assert result["plot"] == str(picture)
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [layer["weights"] for layer in result["per_layer"]] == [64 * 300, 300 * 100, 1000]
+    assert result["weights"] == 50_200
+    assert result["nonzero"] == sum(layer["nonzero"] for layer in result["per_layer"])
+    assert result["compression_ratio"] == pytest.approx(result["weights"] / result["nonzero"])
+    assert 0 < result["input_pixels_kept"] <= 64
+    assert (result["pretrain_epochs"], result["epochs"], result["kl_warmup"]) == (3, 4, [0, 2])
+    assert (result["train_size"], result["test_size"]) == (1437, 360)
 
 
-def test_demo_human_output(capsys):
+def test_demo_compresses_the_trained_network_not_a_fresh_one(tmp_path, capsys):
+    """With a vanishing VBD learning rate the network stays the pretrained one."""
     pytest.importorskip("sklearn")
-    assert main(["demo", "--epochs", "2"]) == 0
+    argv = ["demo", "--pretrain-epochs", "20", "--epochs", "1", "--lr", "1e-12"]
+    assert main([*argv, "--plot", str(tmp_path / "d.png"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["baseline_test_error"] < 0.2  # trained (chance is 0.9)
+    assert result["test_error"] == pytest.approx(result["baseline_test_error"], abs=0.01)
+
+
+def test_demo_human_output(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    picture = tmp_path / "demo.png"
+    assert main(["demo", "--pretrain-epochs", "2", "--epochs", "2", "--plot", str(picture)]) == 0
     out = capsys.readouterr().out
-    assert "test error" in out and "|W|/|W≠0|" in out
+    assert "before (no dropout)" in out and "after (VBD)" in out and "|W|/|W≠0|" in out
+    if picture.exists():
+        assert f"picture of the learned dropout rates: {picture}" in out
 
 
 @pytest.mark.parametrize("argv", [["demo", "--epochs", "0"], ["demo", "--lr", "x"], ["nope"]])

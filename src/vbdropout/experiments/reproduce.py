@@ -155,7 +155,11 @@ def reproduce(
         raise ValueError(f"unknown budget {budget!r}; known: {', '.join(spec.budgets)}")
     if epochs is not None or train_subset is not None:
         base_budget = spec.budgets[budget]
-        custom = Budget(epochs or base_budget.epochs, train_subset or base_budget.train_subset)
+        custom = Budget(
+            epochs or base_budget.epochs,
+            train_subset or base_budget.train_subset,
+            base_budget.columns,
+        )
         budget = f"custom-e{custom.epochs}-n{custom.train_subset}"
         spec = dataclasses.replace(spec, budgets={**spec.budgets, budget: custom})
     seed_list = seeds if isinstance(seeds, range) else range(seeds)
@@ -166,8 +170,11 @@ def reproduce(
     base = _cell_dir(out, table, budget)
     cells: list[dict[str, Any]] = []
     skipped: list[str] = []
+    columns = spec.budgets[budget].columns
     for row in spec.rows:
         if pattern and not pattern.search(f"{row.label} {row.method} {row.model} {row.column}"):
+            continue
+        if columns is not None and row.column not in columns:
             continue
         if row.method not in METHODS:
             skipped.append(f"{row.label} ({row.method}): method not implemented yet")
@@ -223,7 +230,9 @@ def table_markdown(
         f"# Table {spec.number}: {spec.title}" + (" — QUICK budget" if quick else ""),
         "",
         f"Dataset {spec.dataset}; budget `{budget}`: epochs "
-        f"{b.epochs or 'per protocol'}, training examples {b.train_subset or 'all'}. "
+        f"{b.epochs or 'per protocol'} (lr decay and KL warm-up scaled with them), "
+        f"training examples {b.train_subset or 'all'}"
+        + (f", columns {', '.join(b.columns)} only. " if b.columns else ". ")
         + (
             "Quick numbers are from short runs and are NOT comparable to the paper's. "
             if quick

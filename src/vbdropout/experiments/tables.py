@@ -3,8 +3,8 @@
 Each :class:`Row` is one cell of a table: a network, a method (a name of
 :data:`vbdropout.models.METHODS`) with its options, and what the paper
 published for it. ``budget="paper"`` runs the protocol below; ``quick`` runs
-:data:`QUICK` — a short version for a 2-core CPU whose numbers are labelled
-quick everywhere. Rows whose method is not implemented yet are listed with
+:data:`QUICK` — all training data for fewer epochs, in one column of each table,
+about 10 minutes per table on a 2-core CPU, with numbers labelled quick everywhere. Rows whose method is not implemented yet are listed with
 their published numbers and reported as "not run".
 
 Published numbers are copied from Liu et al. (CVPR 2019), Tables 1–5: test
@@ -57,8 +57,17 @@ class Row:
 
 @dataclass(frozen=True)
 class Budget:
+    """How long a table's cells train.
+
+    ``epochs`` replaces the protocol's number of epochs; the protocol's lr-decay start
+    and KL warm-up then scale with it (``vbdropout.train.config.resolve_config``), so a
+    short run keeps the protocol's shape. ``columns`` limits the budget to some columns
+    of the table (``None``: all).
+    """
+
     epochs: int | None  # None: the model's protocol (vbdropout/train/protocols.py)
-    train_subset: int | None
+    train_subset: int | None  # None: all training examples
+    columns: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -127,7 +136,15 @@ _T5 = [
     ("Ours", "vbd_structured", {"lenet500_300": (1.35, "179-160-60-10"), "lenet5_caffe": (0.66, "16-34-123-62")}),
 ]  # fmt: skip
 
-QUICK = Budget(epochs=5, train_subset=10_000)
+# Quick budgets: all training data, fewer epochs, one column per table, each table about
+# 10 minutes on 2 CPU cores (docs/RESULTS.md, "Quick budgets", has the measured tables).
+QUICK: dict[str, Budget] = {
+    "table1": Budget(epochs=20, train_subset=None, columns=("100",)),
+    "table2": Budget(epochs=1, train_subset=None, columns=("scale 1",)),
+    "table3": Budget(epochs=1, train_subset=35_000),  # SVHN: 73,257 images, half of them
+    "table4": Budget(epochs=20, train_subset=None, columns=("lenet300_100",)),
+    "table5": Budget(epochs=20, train_subset=None, columns=("lenet500_300",)),
+}
 
 
 def _pretrained(model: str, method: str) -> str | None:
@@ -147,7 +164,7 @@ TABLES: dict[str, Table] = {
             for (label, method), errors in _T1.items()
             for w, err in zip(_T1_WIDTHS, errors, strict=True)
         ),
-        {"paper": _PAPER, "quick": Budget(epochs=3, train_subset=10_000)},
+        {"paper": _PAPER, "quick": QUICK["table1"]},
     ),
     "table2": Table(
         2,
@@ -158,7 +175,7 @@ TABLES: dict[str, Table] = {
             for (label, method), errors in _T2.items()
             for s, err in zip(_T2_SCALES, errors, strict=True)
         ),
-        {"paper": _PAPER, "quick": Budget(epochs=1, train_subset=5_000)},
+        {"paper": _PAPER, "quick": QUICK["table2"]},
     ),
     "table3": Table(
         3,
@@ -168,7 +185,7 @@ TABLES: dict[str, Table] = {
             Row(label, "kingma_cifar", method, err, network={"scale": 1.0}, column="scale 1")
             for (label, method), err in _T3.items()
         ),
-        {"paper": _PAPER, "quick": Budget(epochs=1, train_subset=5_000)},
+        {"paper": _PAPER, "quick": QUICK["table3"]},
     ),
     "table4": Table(
         4,
@@ -181,7 +198,7 @@ TABLES: dict[str, Table] = {
             for label, method, opts, cells in _T4
             for model, (err, sp, ratio) in cells.items()
         ),
-        {"paper": _PAPER, "quick": QUICK},
+        {"paper": _PAPER, "quick": QUICK["table4"]},
         metric="compression",
     ),
     "table5": Table(
@@ -194,7 +211,7 @@ TABLES: dict[str, Table] = {
             for label, method, cells in _T5
             for model, (err, neurons) in cells.items()
         ),
-        {"paper": _PAPER, "quick": QUICK},
+        {"paper": _PAPER, "quick": QUICK["table5"]},
         metric="neurons",
     ),
 }  # fmt: skip
