@@ -1,6 +1,7 @@
 """`vbd reproduce`: tables as data, end-to-end runs on generated CIFAR-10/SVHN files, resume."""
 
 import functools
+import importlib
 import json
 
 import pytest
@@ -150,3 +151,49 @@ def test_without_matplotlib_reproduce_says_once_which_extra_to_install(
     assert main(["reproduce", "table4", "--only", "^VD .*lenet300", "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert err.count('pip install "vbdropout[plots]"') == 1
+
+
+def test_quick_budgets_use_all_data_and_scale_their_schedules(tmp_path):
+    """Every quick cell trains fewer epochs with the protocol's schedule shrunk to fit."""
+    from vbdropout.experiments.reproduce import cell_config
+    from vbdropout.train.config import resolve_config
+    from vbdropout.train.protocols import PROTOCOLS
+
+    for name, table in TABLES.items():
+        quick = table.budgets["quick"]
+        assert quick.epochs is not None and quick.columns, name
+        if table.dataset != "svhn":
+            assert quick.train_subset is None, f"{name}: quick uses all training data"
+        rows = [r for r in table.rows if r.column in quick.columns]
+        assert rows, f"{name}: the quick columns {quick.columns} name no column"
+        for row in rows:
+            config = resolve_config(cell_config(row, table, "quick", 0, tmp_path))
+            protocol = PROTOCOLS[row.model]
+            assert config.epochs == quick.epochs < protocol.epochs
+            end = config.kl_warmup[1]
+            assert end <= config.epochs // 2 + 1, f"{name}: KL warm-up ends by mid-run"
+            scale = config.epochs / protocol.epochs
+            assert end == pytest.approx(protocol.kl_warmup[1] * scale, abs=1)
+            assert (
+                config.lr_decay_start == protocol.lr_decay_start * config.epochs // protocol.epochs
+            )
+            paper = resolve_config(cell_config(row, table, "paper", 0, tmp_path))
+            assert (paper.epochs, paper.kl_warmup) == (protocol.epochs, protocol.kl_warmup)
+
+
+def test_quick_budget_runs_only_its_columns(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_cell(row, *args, **kwargs):
+        ran.append(row.column)
+        return {"label": row.label, "model": row.model, "column": row.column, "seed": 0,
+                "test_error": 0.02, "epochs": 1, "compression": {"compression_ratio": 1,
+                "sparsity_per_layer": "0", "layers": []}, "neurons_per_layer": [1]}  # fmt: skip
+
+    module = importlib.import_module("vbdropout.experiments.reproduce")
+    monkeypatch.setattr(module, "_run_cell", fake_cell)
+    monkeypatch.setattr(module, "_plots", lambda *a: [])
+    result = reproduce("table4", out=tmp_path, progress=False)
+    assert set(ran) == {"lenet300_100"} and len(result["cells"]) == 7
+    markdown = (tmp_path / "table4-quick.md").read_text()
+    assert "columns lenet300_100 only" in markdown and "all training examples" not in markdown

@@ -29,7 +29,7 @@ from ..train.checkpoint import atomic_write_bytes, atomic_write_json
 from ..train.config import TrainConfig
 from .tables import TABLES, Budget, Row, Table
 
-__all__ = ["PLOTS_NEED_MATPLOTLIB", "reproduce", "table_markdown"]
+__all__ = ["PLOTS_NEED_MATPLOTLIB", "cell_config", "reproduce", "table_markdown"]
 
 PLOTS_NEED_MATPLOTLIB = (
     'vbd reproduce: no plots written: matplotlib is missing (pip install "vbdropout[plots]")'
@@ -38,6 +38,41 @@ PLOTS_NEED_MATPLOTLIB = (
 
 def _cell_dir(out: Path, table: str, budget: str) -> Path:
     return out / (table if budget == "paper" else f"{table}-{budget}")
+
+
+def cell_config(
+    row: Row,
+    table: Table,
+    budget: str,
+    seed: int,
+    base: Path,
+    device: str = "auto",
+    data_dir: str | None = None,
+) -> TrainConfig:
+    """The training config of one cell under ``budget`` (its run directory under ``base``).
+
+    The budget sets only the epochs and the training size; the protocol's lr-decay
+    start and KL warm-up scale with the epochs when the config is resolved.
+    """
+    b = table.budgets[budget]
+    init = None
+    if row.init_from is not None:
+        parent = next(r for r in table.rows if r.label == row.init_from and r.model == row.model)
+        init = str(base / "runs" / f"{parent.key}-seed{seed}")
+    return TrainConfig(
+        model=row.model,
+        method=row.method,
+        dataset=table.dataset,
+        out=str(base / "runs" / f"{row.key}-seed{seed}"),
+        epochs=b.epochs,
+        train_subset=b.train_subset,
+        seed=seed,
+        device=device,
+        data_dir=data_dir,
+        network=dict(row.network),
+        init=init,
+        **row.method_options,
+    )
 
 
 def _run_cell(
@@ -54,25 +89,8 @@ def _run_cell(
     from ..train.trainer import load_run, train
 
     b = table.budgets[budget]
-    run_dir = base / "runs" / f"{row.key}-seed{seed}"
-    init = None
-    if row.init_from is not None:
-        parent = next(r for r in table.rows if r.label == row.init_from and r.model == row.model)
-        init = str(base / "runs" / f"{parent.key}-seed{seed}")
-    config = TrainConfig(
-        model=row.model,
-        method=row.method,
-        dataset=table.dataset,
-        out=str(run_dir),
-        epochs=b.epochs,
-        train_subset=b.train_subset,
-        seed=seed,
-        device=device,
-        data_dir=data_dir,
-        network=dict(row.network),
-        init=init,
-        **row.method_options,
-    )
+    config = cell_config(row, table, budget, seed, base, device, data_dir)
+    run_dir = Path(config.out)
     start = time.perf_counter()
     if row.evaluate_run_of is None:
         summary = train(config, resume=(run_dir / "checkpoint.pt").exists(), progress=progress)

@@ -141,7 +141,7 @@ _T5 = [
 QUICK: dict[str, Budget] = {
     "table1": Budget(epochs=20, train_subset=None, columns=("100",)),
     "table2": Budget(epochs=1, train_subset=None, columns=("scale 1",)),
-    "table3": Budget(epochs=1, train_subset=35_000),  # SVHN: 73,257 images, half of them
+    "table3": Budget(epochs=1, train_subset=35_000, columns=("scale 1",)),  # SVHN: 73,257, half
     "table4": Budget(epochs=20, train_subset=None, columns=("lenet300_100",)),
     "table5": Budget(epochs=20, train_subset=None, columns=("lenet500_300",)),
 }
