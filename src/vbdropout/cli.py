@@ -392,8 +392,16 @@ def _add_train_parser(sub: Any) -> None:
         "results/TABLE.md (TABLE-quick.md for the quick budget) with plots.",
     )
     repro.add_argument("table", choices=["table1", "table2", "table3", "table4", "table5"])
-    repro.add_argument("--budget", choices=["quick", "paper"], default="quick")
-    repro.add_argument("--only", help="regular expression on 'label method model column'")
+    repro.add_argument(
+        "--budget",
+        choices=["quick", "paper"],
+        default="quick",
+        help="quick: all training data, fewer epochs (schedules scaled), one column, about "
+        "10 minutes per table on 2 CPU cores; paper: the full protocol (default quick)",
+    )
+    repro.add_argument(
+        "--only", help="regular expression on 'label method model column' (default: all rows)"
+    )
     repro.add_argument(
         "--seeds",
         type=_seeds,
@@ -401,12 +409,24 @@ def _add_train_parser(sub: Any) -> None:
         help="N: seeds 0..N-1; A-B: seeds A..B (inclusive), e.g. to split a table across "
         "processes (default 1)",
     )
-    repro.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    repro.add_argument("--out", default="results")
-    repro.add_argument("--data-dir")
-    repro.add_argument("--epochs", type=_positive_int, help="override the budget's epochs")
-    repro.add_argument("--train-subset", type=_positive_int, help="override the training size")
-    repro.add_argument("--json", action="store_true", help="print one JSON object as last line")
+    repro.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default auto)"
+    )
+    repro.add_argument("--out", default="results", help="output folder (default results)")
+    repro.add_argument(
+        "--data-dir", help="data folder (default $VBD_DATA_DIR, else ~/.cache/vbdropout)"
+    )
+    repro.add_argument(
+        "--epochs", type=_positive_int, help="override the budget's epochs (default: the budget's)"
+    )
+    repro.add_argument(
+        "--train-subset",
+        type=_positive_int,
+        help="override the training size, in examples (default: the budget's)",
+    )
+    repro.add_argument(
+        "--json", action="store_true", help="print one JSON object as the last line (default: off)"
+    )
     repro.set_defaults(run_command=_cmd_reproduce)
 
 
