@@ -70,7 +70,7 @@ def run_demo(
     epochs: int = 60,
     pretrain_epochs: int = 60,
     seed: int = 0,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     pretrain_lr: float = 3e-3,
     batch_size: int = 100,
     progress: bool = True,
