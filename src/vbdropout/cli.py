@@ -64,7 +64,7 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     config.network.update(network)
     if config.out == TrainConfig.out:
         config.out = f"runs/{config.model}-{config.method}-{config.dataset}-seed{config.seed}"
-    summary = train(config, resume=args.resume, progress=not args.json)
+    summary = train(config, resume=args.resume, progress=not args.json, force=args.force)
     if not summary:  # a torchrun worker other than rank 0: rank 0 reports
         return None
     if not args.json:
@@ -221,6 +221,12 @@ def _add_train_parser(sub: Any) -> None:
     train.add_argument("--scale", type=_positive_float, help="width scale of kingma_cifar")
     train.add_argument(
         "--resume", action="store_true", help="continue the run in --out (with its saved config)"
+    )
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="train into an --out that holds files but is no run directory (replacing its "
+        "checkpoint.pt, config.toml, metrics.*, summary.json)",
     )
     train.add_argument("--json", action="store_true", help="print one JSON object as last line")
     train.set_defaults(run_command=_cmd_train)

@@ -32,7 +32,9 @@ exactly as ½·log(1 + θ²/σ²) (see :meth:`~vbdropout.priors.Prior.kl_sum_add
 from __future__ import annotations
 
 import math
+import threading
 import weakref
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -75,6 +77,26 @@ def _validate_threshold(threshold: float | None) -> float | None:
             f"got {threshold}; use None to disable pruning"
         )
     return float(threshold)
+
+
+@dataclass
+class _LoadRecord:
+    """What the Gaussian layers of one ``load_state_dict`` call saw so far."""
+
+    missing_keys: list[str]  # the call's own list: identifies the call
+    variational: bool = False  # some layer found its variance entry
+    taken_as_plain: list[str] = field(default_factory=list)  # variance keys let go as plain
+
+
+_LOADING = threading.local()
+
+
+def _load_record(missing_keys: list[str]) -> _LoadRecord:
+    """The record of the load that ``missing_keys`` belongs to (a new one for a new load)."""
+    record = getattr(_LOADING, "record", None)
+    if record is None or record.missing_keys is not missing_keys:
+        record = _LOADING.record = _LoadRecord(missing_keys)
+    return record
 
 
 class GaussianWeight(VariationalModule):
@@ -339,15 +361,26 @@ class GaussianWeight(VariationalModule):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        """Accept a plain layer's state_dict: θ and bias from it, the variance at its init."""
+        """Accept a plain layer's state_dict: θ and bias from it, the variance at its init.
+
+        Only a dict without any variational entry is plain: if another Gaussian layer
+        of the same load found its variance, every missing one stays missing (a
+        truncated variational state_dict must not load silently).
+        """
         names = ("log_sigma2",) if self.additive else ("log_alpha_param",)
         absent = [prefix + n for n in names if prefix + n not in state_dict]
+        record = _load_record(missing_keys)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if absent and prefix + "weight" in state_dict:
+        if not absent:
+            record.variational = True
+            missing_keys.extend(key for key in record.taken_as_plain if key not in missing_keys)
+            record.taken_as_plain.clear()
+        elif prefix + "weight" in state_dict and not record.variational:
             for key in absent:
                 missing_keys.remove(key)
+            record.taken_as_plain.extend(absent)
             self.reset_variational_parameters()
 
 
@@ -381,6 +414,10 @@ class _ConvGaussianWeight(GaussianWeight):
     _spatial_dims: int
 
     def _apply_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if weight.shape[0] == 0:  # torch's convolutions refuse zero output channels
+            groups = self.groups  # type: ignore[attr-defined]
+            padded = torch.cat([weight, weight.new_zeros((groups, *weight.shape[1:]))])
+            return self._conv_forward(x, padded, None)[:, :0]  # type: ignore[attr-defined]
         return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
 
     def _fusable(self, x: Tensor) -> bool:

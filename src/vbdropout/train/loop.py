@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..data import iterate_batches
 from ..losses import ElboTerms, elbo_terms
 from ..nn.base import mc_sampling
+from ..nn.gaussian import GaussianWeight
 
 __all__ = ["DivergenceError", "evaluate", "make_adam", "train_epoch"]
 
@@ -83,7 +84,8 @@ def _checked_step(
 
     The loss and KL are checked before the backward pass and every gradient before
     the step, so a NaN/inf never reaches the parameters through an update; the
-    parameters are checked after it (a finite update can still overflow them).
+    parameters, and the variances σ² of the Gaussian layers they imply, are checked
+    after it (a finite update can still overflow them).
     Returns the loss and KL as floats.
     """
     loss, kl = terms.loss.item(), terms.kl.item()
@@ -103,6 +105,17 @@ def _checked_step(
     if bad is not None:
         raise DivergenceError(
             f"{where}: parameter {bad} became NaN/inf in the update (learning rate too large?)"
+        )
+    with torch.no_grad():  # finite parameters can still imply σ² = exp(log σ²) = inf
+        bad = _first_nonfinite(
+            (f"{name}.sigma2", m.sigma2())
+            for name, m in model.named_modules()
+            if isinstance(m, GaussianWeight)
+        )
+    if bad is not None:
+        raise DivergenceError(
+            f"{where}: the update made {bad} = exp(log σ²) overflow to inf "
+            f"(learning rate too large?)"
         )
     return loss, kl
 

@@ -65,6 +65,8 @@ __all__ = ["RunLockedError", "build_run_model", "evaluate_run", "load_run", "tra
 _RESUMABLE = {"out", "device", "data_dir"}
 # The files of a run directory, all written with atomic_write_bytes.
 RUN_FILES = ("checkpoint.pt", "config.toml", "metrics.jsonl", "metrics.csv", "summary.json")
+# Written first into every run directory: it marks the directory as one of ours.
+RUN_MARKER = ".vbdropout-run"
 # What a checkpoint must hold to be resumed from, or to be evaluated.
 _RESUME_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "elapsed", "history", "config")
 _RUN_KEYS = ("model", "config")
@@ -115,7 +117,10 @@ def run_lock(out: Path) -> Iterator[None]:
     """
     lock = out / ".lock"
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # O_NOFOLLOW: a planted symlink must not make us truncate its target
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            raise ConfigError(f"cannot open the run lock {lock}: {_why(err, lock)}") from None
         try:
             held = _try_flock(fd)
             if held and not _same_file(fd, lock):
@@ -193,7 +198,20 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # the state follows "(comm)"
 
 
-def _prepare_out(out: Path) -> None:
+def _why(err: OSError, path: Path) -> str:
+    """``err``'s reason in words; a symlink (loop) where a file belongs is named as such."""
+    if path.is_symlink():
+        return "it is a symbolic link (refused: writing through it would change another file)"
+    return err.strerror or str(err)
+
+
+def _prepare_out(out: Path, force: bool = False) -> None:
+    """Create (or accept) the run directory ``out``, check that it is writable and mark it.
+
+    Refused: a directory holding files that is not one of our run directories (no
+    :data:`RUN_MARKER`, no checkpoint), unless ``force``; and one whose lock or run
+    files are symbolic links (we would write or read through them).
+    """
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out, prefix=".write-test-"):
@@ -202,6 +220,23 @@ def _prepare_out(out: Path) -> None:
         raise ConfigError(
             f"cannot write to output directory {out}: {err.strerror or err}"
         ) from None
+    links = [out / name for name in (".lock", RUN_MARKER, *RUN_FILES) if (out / name).is_symlink()]
+    if links:
+        raise ConfigError(
+            f"{links[0]} is a symbolic link; a run directory's files must be its own "
+            f"(remove the link or choose another --out)"
+        )
+    if (out / RUN_MARKER).is_file():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".write-test-"))
+    if foreign and not (out / "checkpoint.pt").is_file() and not force:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ConfigError(
+            f"{out} is not empty ({shown}) and is not a vbd run directory; choose an empty "
+            f"or new --out, or pass --force to train into it (its {', '.join(RUN_FILES)} "
+            f"and .lock would be replaced)"
+        )
+    atomic_write_bytes(out / RUN_MARKER, b"vbdropout run directory (written by vbd train)\n")
 
 
 def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
@@ -268,8 +303,13 @@ def _load_init(model: nn.Module, path: str) -> None:
             layer.reset_variational_parameters()
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(
+    config: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False
+) -> dict[str, Any]:
     """Run (or resume) a training run; returns the summary written to ``summary.json``.
+
+    ``config.out`` must be new, empty or a run directory; ``force=True`` also
+    accepts a directory holding other files (its run files are then replaced).
 
     With ``config.nproc > 1`` the run is data-parallel over that many local
     processes (see :mod:`vbdropout.train.distributed`); under torchrun the
@@ -289,7 +329,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     device = resolve_device(config.device)
     torch.set_flush_denormal(True)
     if config.nproc > 1 and "WORLD_SIZE" not in os.environ and not distributed.current().size > 1:
-        _prepare_out(Path(config.out))
+        _prepare_out(Path(config.out), force)
         distributed.spawn(config.nproc, device, _train_worker, config, resume)
         return json.loads((Path(config.out) / "summary.json").read_text())
     world = distributed.init_from_env(device)
@@ -301,7 +341,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     if not world.is_main:
         distributed.barrier()  # rank 0 holds the lock and has prepared the directory
         return _train_locked(config, device, out, resume, progress=False)
-    _prepare_out(out)
+    _prepare_out(out, force)
     with run_lock(out):
         remove_stale_temp_files(out, RUN_FILES)  # left by a writer that was killed
         distributed.barrier()
