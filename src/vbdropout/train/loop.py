@@ -182,6 +182,8 @@ def evaluate(
     With ``mc_samples = K > 0``, also of the predictive distribution averaged
     over K sampled forward passes (``mc_error``, ``mc_nll``).
     """
+    if not (isinstance(mc_samples, int) and mc_samples >= 0):
+        raise ValueError(f"mc_samples must be an integer >= 0, got {mc_samples!r}")
     model.eval()
     probs, mc_probs = [], []
     for xb, _ in iterate_batches(x, y, batch_size, shuffle=False):

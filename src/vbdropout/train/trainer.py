@@ -63,6 +63,9 @@ __all__ = ["RunLockedError", "build_run_model", "evaluate_run", "load_run", "tra
 
 # Config fields that may differ when a run is resumed (they do not change its results).
 _RESUMABLE = {"out", "device", "data_dir"}
+# Settings a resumed run may change (continue a diverged run with a smaller lr, train
+# longer); each change is recorded in the checkpoint's and the summary's "resume_changes".
+CHANGEABLE_ON_RESUME = ("lr", "epochs", "lr_decay_start")
 # The files of a run directory, all written with atomic_write_bytes.
 RUN_FILES = ("checkpoint.pt", "config.toml", "metrics.jsonl", "metrics.csv", "summary.json")
 # Written first into every run directory: it marks the directory as one of ours.
@@ -74,6 +77,11 @@ _RUN_KEYS = ("model", "config")
 
 class RunLockedError(RuntimeError):
     """Another live process is training into the same run directory."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C, SIGTERM); the message says what is kept and how
+    to continue. A :class:`KeyboardInterrupt`, so that it ends a program as one would."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -268,6 +276,7 @@ def _versions() -> dict[str, str]:
 
 
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_VARIANCE_NAMES = ("log_sigma2", "log_alpha_param")  # the variational entries of GaussianWeight
 
 
 @torch.no_grad()
@@ -277,15 +286,17 @@ def _load_init(model: nn.Module, path: str) -> None:
     When the keys match, the state is loaded as is (a plain net's state_dict
     loads into its VBD twin). Otherwise the weights and biases of the linear
     and convolutional layers are matched in order, which lets a plain network
-    initialize a structured one (whose layers sit inside noise blocks).
+    initialize a structured one (whose layers sit inside noise blocks). A
+    variational state_dict (one with log σ² or log α entries) must fit exactly.
     """
     state = load_checkpoint(path, required=())
     state = state.get("model", state)
     try:
-        model.load_state_dict(state)
+        load_model_state(model, state, path)
         return
-    except RuntimeError:
-        pass
+    except CheckpointError:
+        if not _is_state_dict(state) or any(k.endswith(_VARIANCE_NAMES) for k in state):
+            raise  # not weights, or a variational state_dict that does not fit: no guessing
     weights = [(k, v) for k, v in state.items() if k.endswith("weight") and v.dim() >= 2]
     layers = [m for m in model.modules() if isinstance(m, _WEIGHT_LAYERS)]
     shapes = [tuple(v.shape) for _, v in weights]
@@ -345,7 +356,23 @@ def train(
     with run_lock(out):
         remove_stale_temp_files(out, RUN_FILES)  # left by a writer that was killed
         distributed.barrier()
-        return _train_locked(config, device, out, resume, progress)
+        try:
+            return _train_locked(config, device, out, resume, progress)
+        except KeyboardInterrupt as err:
+            raise TrainingInterrupted(_interrupted(err, out)) from None
+
+
+def _interrupted(err: KeyboardInterrupt, out: Path) -> str:
+    """What an interrupted run left: its last checkpoint and how to continue from it."""
+    how = f" by {err.args[0]}" if err.args else ""
+    try:
+        epoch = load_checkpoint(out, required=("epoch",))["epoch"]
+    except CheckpointError:
+        return f"interrupted{how}; no checkpoint was written to {out}"
+    return (
+        f"interrupted{how}; the last checkpoint (epoch {epoch}) is in {out}: continue with "
+        f"vbd train --resume --out {out}"
+    )
 
 
 def _train_worker(config: TrainConfig, resume: bool) -> None:
@@ -361,16 +388,105 @@ def _saved_config(state: dict[str, Any], path: str | os.PathLike[str]) -> dict[s
     return {**{k: v for k, v in defaults.items() if k not in state["config"]}, **state["config"]}
 
 
-def _check_resumable(state: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    """Refuse to resume a checkpoint whose config differs from ``config`` in a result field."""
+def _check_resumable(
+    state: dict[str, Any], config: TrainConfig, path: Path
+) -> dict[str, list[Any]]:
+    """Refuse to resume a checkpoint whose config differs from ``config`` in a result field.
+
+    Returns the changes of :data:`CHANGEABLE_ON_RESUME` settings, as ``{name: [old, new]}``.
+    """
     saved = {k: v for k, v in _saved_config(state, path).items() if k not in _RESUMABLE}
     current = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}
     current["kl_warmup"] = list(current["kl_warmup"])
     if isinstance(saved.get("kl_warmup"), (list, tuple)):
         saved["kl_warmup"] = list(saved["kl_warmup"])
-    if saved != current:
-        diff = sorted(k for k in current.keys() | saved.keys() if current.get(k) != saved.get(k))
-        raise ConfigError(f"cannot resume {path.parent}: the config differs in {diff}")
+    diff = sorted(k for k in current.keys() | saved.keys() if current.get(k) != saved.get(k))
+    fixed = [k for k in diff if k not in CHANGEABLE_ON_RESUME]
+    if fixed:
+        raise ConfigError(
+            f"cannot resume {path.parent}: the config differs in {fixed} (only "
+            f"{', '.join(CHANGEABLE_ON_RESUME)} may change on resume)"
+        )
+    if config.epochs < state["epoch"]:
+        raise ConfigError(
+            f"cannot resume {path.parent} with epochs={config.epochs}: it has already "
+            f"trained {state['epoch']} epochs"
+        )
+    return {k: [saved.get(k), current[k]] for k in diff}
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
+    )
+
+
+def _check_resume_state(state: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint whose entries do not have the structure that resuming needs
+    (before anything in the run directory is written)."""
+    rng = state["rng"]
+    ranks = rng.get("torch_ranks") if isinstance(rng, dict) else None
+    epoch, history = state["epoch"], state["history"]
+    problems = {
+        "model": _is_state_dict(state["model"]),
+        "optimizer": isinstance(state["optimizer"], dict)
+        and isinstance(state["optimizer"].get("state"), dict)
+        and isinstance(state["optimizer"].get("param_groups"), list),
+        "scheduler": isinstance(state["scheduler"], dict),
+        "rng": isinstance(rng, dict)
+        and all(isinstance(rng.get(k), torch.Tensor) for k in ("torch", "shuffle"))
+        and (ranks is None or all(isinstance(r, torch.Tensor) for r in ranks)),
+        "epoch": isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0,
+        "elapsed": isinstance(state["elapsed"], (int, float)),
+        "history": isinstance(history, list)
+        and all(isinstance(row, dict) for row in history)
+        and (not isinstance(epoch, int) or len(history) == epoch),
+        "resume_changes": isinstance(state.get("resume_changes", []), list),
+    }
+    bad = [name for name, ok in problems.items() if not ok]
+    if bad:
+        raise CheckpointError(
+            f"{path} is not a resumable vbdropout checkpoint: its {bad[0]} entry is malformed"
+        )
+
+
+def load_model_state(model: nn.Module, state: Any, path: str | os.PathLike[str]) -> None:
+    """Load the state_dict ``state`` (read from ``path``) into ``model``, or raise a one-line
+    :class:`CheckpointError` naming the file and the first tensor that does not fit."""
+    if not _is_state_dict(state):
+        raise CheckpointError(f"{path}: its model entry is not a state_dict (names → tensors)")
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise CheckpointError(
+                f"{path} does not fit this model: {key} has shape {tuple(value.shape)} in the "
+                f"file but {tuple(own[key].shape)} in the model (another model, width or method?)"
+            )
+    result = model.load_state_dict(state, strict=False)
+    for kind, keys in (("lacks", result.missing_keys), ("has unknown", result.unexpected_keys)):
+        if keys:
+            more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+            raise CheckpointError(
+                f"{path} does not fit this model: it {kind} entry {keys[0]}{more}"
+            )
+
+
+def _load_resume_state(
+    state: dict[str, Any],
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    """Load the model, optimizer and scheduler states of a checked checkpoint (one-line
+    :class:`CheckpointError` if one does not fit)."""
+    load_model_state(model, state["model"], path)
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
+        try:
+            target.load_state_dict(state[name])
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{path}: its {name} state does not fit ({first})") from None
 
 
 def _train_locked(
@@ -384,7 +500,8 @@ def _train_locked(
                 f"{out} already holds a run; pass --resume to continue it or choose another --out"
             )
         state = load_checkpoint(checkpoint_path, required=_RESUME_KEYS)
-        _check_resumable(state, config, checkpoint_path)
+        _check_resume_state(state, checkpoint_path)
+        changes = _check_resumable(state, config, checkpoint_path)
 
     world = distributed.current()
     torch.manual_seed(config.seed)
@@ -403,20 +520,32 @@ def _train_locked(
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, Any]] = []
     start_epoch, elapsed = 0, 0.0
+    command = " ".join(sys.argv)  # the command that started the run, kept by resumes
+    resume_changes: list[dict[str, Any]] = []
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        _load_resume_state(state, checkpoint_path, model, optimizer, scheduler)
         for group in optimizer.param_groups:  # keep this torch's choice, not the saved one
             group["fused"] = optimizer.defaults["fused"]
-        scheduler.load_state_dict(state["scheduler"])
         ranks = state["rng"].get("torch_ranks")
-        torch.set_rng_state(ranks[world.rank] if ranks else state["rng"]["torch"])
-        generator.set_state(state["rng"]["shuffle"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        try:
+            torch.set_rng_state(ranks[world.rank] if ranks else state["rng"]["torch"])
+            generator.set_state(state["rng"]["shuffle"])
+            if device.type == "cuda" and state["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(state["rng"]["cuda"])
+        except (RuntimeError, IndexError, TypeError) as err:
+            raise CheckpointError(
+                f"{checkpoint_path}: its rng state does not fit ({err})"
+            ) from None
         history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
+        command = state.get("command", command)
+        resume_changes = list(state.get("resume_changes", []))
+        if changes:
+            _apply_lr_changes(optimizer, scheduler, config, start_epoch)
+            resume_changes.append({"epoch": start_epoch, "changed": changes})
         if world.is_main:
             _write_metrics(out, history)  # a kill may have landed between checkpoint and metrics
+            if changes:
+                atomic_write_bytes(out / "config.toml", to_toml(config).encode())
     elif world.is_main:
         atomic_write_bytes(out / "config.toml", to_toml(config).encode())
 
@@ -509,6 +638,8 @@ def _train_locked(
                 "elapsed": elapsed,
                 "history": history,
                 "config": config.to_dict(),
+                "command": command,
+                "resume_changes": resume_changes,
             },
         )
         _write_metrics(out, history)
@@ -535,12 +666,48 @@ def _train_locked(
         "train_seconds": elapsed,
         "versions": _versions(),
         "config": config.to_dict(),
-        "command": " ".join(sys.argv),
+        "command": command,
+        "resume_changes": resume_changes,
+        "warnings": run_warnings(history, test["error"], data.num_classes),
         "run_dir": str(out),
     }
     atomic_write_json(out / "summary.json", summary)
     distributed.barrier()
     return summary
+
+
+def _apply_lr_changes(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    config: TrainConfig,
+    epoch: int,
+) -> None:
+    """Make the restored optimizer and scheduler follow ``config``'s lr schedule from ``epoch``
+    (its lambda already reads ``config.epochs`` and ``config.lr_decay_start``)."""
+    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+    lr = config.lr * lr_factor(epoch, config.epochs, config.lr_decay_start)
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["lr"] = config.lr, lr
+
+
+def run_warnings(history: list[dict[str, Any]], test_error: float, classes: int) -> list[str]:
+    """Signs of a broken run that did not diverge: a final training NLL far above its best
+    (more than twice it and 0.5 nats above), or a test error near chance (≥ 1 − 2/classes)."""
+    found = []
+    if history:
+        best = min(history, key=lambda row: row["nll"])
+        last = history[-1]["nll"]
+        if last > 2 * best["nll"] and last > best["nll"] + 0.5:
+            found.append(
+                f"the final training NLL {last:.4g} is far above its best {best['nll']:.4g} "
+                f"(epoch {best['epoch']}): training went wrong (learning rate too large?)"
+            )
+    if test_error >= 1 - 2 / classes:
+        found.append(
+            f"test error {100 * test_error:.1f}% is near chance ({100 * (1 - 1 / classes):.0f}% "
+            f"for {classes} classes): the network is not working"
+        )
+    return found
 
 
 def load_run(
@@ -554,7 +721,7 @@ def load_run(
         config.data_dir = data_dir
     data = load_dataset(config.dataset, config.data_dir, train_subset=config.train_subset)
     model = build_run_model(config, data)
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"], path)
     return model.eval(), data, config
 
 
