@@ -85,10 +85,12 @@ def read_idx(file: DataFile, magic: int) -> np.ndarray:
             dims = tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
             size = math.prod(dims)
             most = file.path.stat().st_size * _MAX_DEFLATE_RATIO
-            if size > most:  # a corrupt header: never try to read (or allocate) that much
-                raise file.error(
+            if size > most:  # a bad header: never try to read (or allocate) that much
+                raise _content_error(
+                    f,
+                    file,
                     f"bad IDX header: dims {dims} need {size} data bytes, more than a gzip "
-                    f"file of this size can hold"
+                    f"file of this size can hold",
                 )
             payload = f.read(size)
             if len(payload) < size:

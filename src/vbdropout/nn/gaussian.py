@@ -414,10 +414,26 @@ class _ConvGaussianWeight(GaussianWeight):
     _spatial_dims: int
 
     def _apply_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if weight.shape[0] == 0:  # torch's convolutions refuse zero output channels
-            groups = self.groups  # type: ignore[attr-defined]
-            padded = torch.cat([weight, weight.new_zeros((groups, *weight.shape[1:]))])
-            return self._conv_forward(x, padded, None)[:, :0]  # type: ignore[attr-defined]
+        if weight.shape[0] == 0 or weight.shape[1] == 0:
+            return self._conv_with_zero_channels(x, weight, bias)
+        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
+
+    def _conv_with_zero_channels(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The convolution when a side has no channels, which torch refuses (no output
+        channels) or gets wrong (no input channels: it returns no output channels, not
+        the bias). The empty side gets one zero channel per group, cut off afterwards."""
+        groups = self.groups  # type: ignore[attr-defined]
+        channel = x.dim() - weight.dim() + 1  # 1 for a batch, 0 for one example
+        if weight.shape[1] == 0:
+            shape = list(x.shape)
+            shape[channel] = groups
+            x = torch.cat([x, x.new_zeros(shape)], channel)
+            weight = torch.cat(
+                [weight, weight.new_zeros((weight.shape[0], 1, *weight.shape[2:]))], 1
+            )
+        if weight.shape[0] == 0:
+            weight = torch.cat([weight, weight.new_zeros((groups, *weight.shape[1:]))])
+            return self._conv_forward(x, weight, None).narrow(channel, 0, 0)  # type: ignore[attr-defined]
         return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
 
     def _fusable(self, x: Tensor) -> bool:

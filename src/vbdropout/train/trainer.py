@@ -21,6 +21,7 @@ import dataclasses
 import inspect
 import io
 import json
+import math
 import os
 import platform
 import sys
@@ -544,8 +545,6 @@ def _train_locked(
             resume_changes.append({"epoch": start_epoch, "changed": changes})
         if world.is_main:
             _write_metrics(out, history)  # a kill may have landed between checkpoint and metrics
-            if changes:
-                atomic_write_bytes(out / "config.toml", to_toml(config).encode())
     elif world.is_main:
         atomic_write_bytes(out / "config.toml", to_toml(config).encode())
 
@@ -642,6 +641,8 @@ def _train_locked(
                 "resume_changes": resume_changes,
             },
         )
+        if epoch == start_epoch and resume_changes:  # the changed settings are now the run's
+            atomic_write_bytes(out / "config.toml", to_toml(config).encode())
         _write_metrics(out, history)
     bar.close(status)
     if board is not None:
@@ -692,7 +693,8 @@ def _apply_lr_changes(
 
 def run_warnings(history: list[dict[str, Any]], test_error: float, classes: int) -> list[str]:
     """Signs of a broken run that did not diverge: a final training NLL far above its best
-    (more than twice it and 0.5 nats above), or a test error near chance (≥ 1 − 2/classes)."""
+    (more than twice it and 0.5 nats above) or above 2·log(classes) (far worse than a
+    uniform guess, whose NLL is log(classes)); a test error near chance (≥ 1 − 2/classes)."""
     found = []
     if history:
         best = min(history, key=lambda row: row["nll"])
@@ -701,6 +703,11 @@ def run_warnings(history: list[dict[str, Any]], test_error: float, classes: int)
             found.append(
                 f"the final training NLL {last:.4g} is far above its best {best['nll']:.4g} "
                 f"(epoch {best['epoch']}): training went wrong (learning rate too large?)"
+            )
+        elif last > 2 * math.log(classes):
+            found.append(
+                f"the final training NLL {last:.4g} is far above that of a uniform guess "
+                f"({math.log(classes):.3g}): training went wrong (learning rate too large?)"
             )
     if test_error >= 1 - 2 / classes:
         found.append(
@@ -721,8 +728,13 @@ def load_run(
         config.data_dir = data_dir
     data = load_dataset(config.dataset, config.data_dir, train_subset=config.train_subset)
     model = build_run_model(config, data)
-    load_model_state(model, state["model"], path)
+    load_model_state(model, state["model"], _checkpoint_file(path))
     return model.eval(), data, config
+
+
+def _checkpoint_file(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint file that ``path`` (a run directory or a checkpoint) names."""
+    return Path(path) / "checkpoint.pt" if Path(path).is_dir() else Path(path)
 
 
 def evaluate_run(
