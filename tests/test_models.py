@@ -61,7 +61,7 @@ def test_layer_sizes_follow_the_paper():
 
 def test_method_options_and_errors():
     model = build_model(
-        "lenet300_100", "vbd", method_options={"threshold": 2.0, "train_clip": True}
+        "lenet300_100", "vbd", method_options={"log_alpha_threshold": 2.0, "train_clip": True}
     )
     layer = model[1]
     assert layer.threshold == 2.0 and layer.train_clip

@@ -336,6 +336,15 @@ def test_a_malformed_checkpoint_is_refused_on_resume_before_anything_is_written(
     assert run_files(out) == before
 
 
+def test_eval_of_a_checkpoint_with_a_malformed_config_is_one_line(
+    tmp_path: Path, finished_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = {**load_checkpoint(finished_run)["config"], "epochs": "two"}
+    out = crafted(tmp_path, finished_run, config=config)
+    assert main(["eval", str(out), "--device", "cpu"]) == 1
+    one_line_error(capsys, str(out / "checkpoint.pt"), "epochs must be an integer")
+
+
 def test_an_init_file_holding_no_weights_is_one_line(
     tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -116,3 +116,22 @@ def test_rows_without_an_implemented_method_are_listed_not_run(tmp_path, monkeyp
     assert "Not run:" in (tmp_path / "table4-quick.md").read_text()
     with pytest.raises(ValueError, match="unknown table"):
         reproduce("table9")
+
+
+def test_a_seed_range_runs_only_those_seeds(tmp_path, lenient_data, capsys):
+    """``--seeds A-B`` lets processes split a table's seeds; a count still means 0..N-1."""
+    write_svhn(tmp_path / "data" / "svhn", "train_32x32.mat", n=40)
+    write_svhn(tmp_path / "data" / "svhn", "test_32x32.mat", n=20, seed=1)
+    argv = ["reproduce", "table3", "--only", "^Ours", "--out", str(tmp_path / "results"),
+            "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--train-subset", "40",
+            "--device", "cpu", "--json"]  # fmt: skip
+    assert main([*argv, "--seeds", "1-2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(c["seed"] for c in result["cells"]) == [1, 2]
+    cells = tmp_path / "results" / "table3-custom-e1-n40" / "cells"
+    assert sorted(p.name for p in cells.rglob("seed*.json")) == ["seed1.json", "seed2.json"]
+    for bad in ("2-1", "a-b", "-1"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--seeds", bad])
+        assert exit_info.value.code == 2
+    assert "seed range" in capsys.readouterr().err

@@ -50,6 +50,22 @@ def _count(text: str) -> int:
     return value
 
 
+def _seeds(text: str) -> int | range:
+    """``N`` (a count: seeds 0..N-1) or ``A-B`` (seeds A..B inclusive, 0 <= A <= B)."""
+    first, dash, last = text.partition("-")
+    if not dash:
+        return _positive_int(text)
+    try:
+        start, stop = int(first), int(last)
+    except ValueError:
+        start, stop = -1, -1
+    if not 0 <= start <= stop:
+        raise argparse.ArgumentTypeError(
+            f"expected N or a seed range A-B with 0 <= A <= B, got {text!r}"
+        )
+    return range(start, stop + 1)
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -214,8 +230,10 @@ _TRAIN_FIELDS = {
     "device",
     "data_dir",
     "train_subset",
-    "threshold",
+    "log_alpha_threshold",
+    "unit_threshold",
     "train_clip",
+    "input_scaling",
     "init",
     "nproc",
 }
@@ -247,8 +265,29 @@ def _add_train_parser(sub: Any) -> None:
     train.add_argument(
         "--train-subset", type=_positive_int, help="use the first K training examples"
     )
-    train.add_argument("--threshold", type=float, help="log α pruning threshold (default 3)")
-    train.add_argument("--train-clip", action="store_true", default=None)
+    train.add_argument(
+        "--log-alpha-threshold",
+        "--threshold",
+        dest="log_alpha_threshold",
+        type=float,
+        help="weight-level methods: prune a weight when its log α exceeds this (default 3)",
+    )
+    train.add_argument(
+        "--unit-threshold",
+        type=float,
+        help="structured VBD: keep a unit while its log α is at most this (default 0)",
+    )
+    train.add_argument(
+        "--train-clip",
+        action="store_true",
+        default=None,
+        help="also drop pruned weights/units while training (default: off)",
+    )
+    train.add_argument(
+        "--input-scaling",
+        choices=["standardize", "unit"],
+        help="pixels standardized per channel, or only scaled to [0, 1] (default standardize)",
+    )
     train.add_argument("--init", help="initialize from a checkpoint (e.g. a pretrained plain net)")
     train.add_argument(
         "--nproc", type=_positive_int, help="data-parallel worker processes (global --batch-size)"
@@ -329,7 +368,13 @@ def _add_train_parser(sub: Any) -> None:
     repro.add_argument("table", choices=["table1", "table2", "table3", "table4", "table5"])
     repro.add_argument("--budget", choices=["quick", "paper"], default="quick")
     repro.add_argument("--only", help="regular expression on 'label method model column'")
-    repro.add_argument("--seeds", type=_positive_int, default=1)
+    repro.add_argument(
+        "--seeds",
+        type=_seeds,
+        default=1,
+        help="N: seeds 0..N-1; A-B: seeds A..B (inclusive), e.g. to split a table across "
+        "processes (default 1)",
+    )
     repro.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     repro.add_argument("--out", default="results")
     repro.add_argument("--data-dir")

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..nn.deterministic import Scale
 from ..nn.gaussian import GaussianWeight, _validate_threshold
-from ..nn.structured import StructuredVBD, UnitNoise
+from ..nn.structured import UnitNoise
 
 __all__ = ["CompressionReport", "LayerCompression", "compression_report"]
 
@@ -123,9 +123,10 @@ def compression_report(
 ) -> CompressionReport:
     """Count weights and surviving weights of every linear/conv layer of ``model``.
 
-    threshold: log α pruning threshold for the variational layers; ``"own"`` (the
-    default) uses each layer's own ``threshold`` (3.0 for weights unless set),
-    ``None`` prunes nothing. Plain layers count their exactly-nonzero weights.
+    threshold: log α pruning threshold for the Gaussian-weight layers (unit-noise
+    layers keep their own unit threshold); ``"own"`` (the default) uses each
+    layer's own ``threshold`` (3.0 for weights unless set), ``None`` prunes nothing.
+    Plain layers count their exactly-nonzero weights.
     Models with unit-noise layers (structured methods) are counted after their
     unit multipliers are folded into the weights, so a pruned unit's weights
     count as zero.
@@ -135,7 +136,7 @@ def compression_report(
         _validate_threshold(threshold)  # type: ignore[arg-type]
         model = copy.deepcopy(model)
         for m in model.modules():
-            if isinstance(m, (GaussianWeight, StructuredVBD)):
+            if isinstance(m, GaussianWeight):
                 m.threshold = threshold
     if any(isinstance(m, UnitNoise) for m in model.modules()):
         from .shrink import fold_scales

@@ -24,7 +24,8 @@ class Dataset:
     """Normalized train/test tensors of one dataset.
 
     ``x`` tensors are float32 N×C×H×W: pixels scaled to [0, 1], then standardized with the
-    per-channel ``mean``/``std`` of the full training split (given for [0, 1] pixels).
+    per-channel ``mean``/``std`` of the full training split (given for [0, 1] pixels;
+    with ``input_scaling="unit"`` the pixels stay in [0, 1]: mean 0 and std 1).
     ``y`` tensors are int64 class indices in ``0..num_classes-1``.
     """
 
@@ -58,14 +59,29 @@ def channel_stats(x: np.ndarray, max_value: int) -> tuple[tuple[float, ...], tup
     return tuple(means), tuple(stds)
 
 
-def build_dataset(name: str, raw: RawData, train_subset: int | None = None) -> Dataset:
-    """Normalize ``raw`` with its training-split statistics; keep the first ``train_subset``."""
+INPUT_SCALINGS = ("standardize", "unit")
+"""How pixels become inputs: ``standardize`` — scaled to [0, 1], then per channel
+(x − mean)/std of the training split; ``unit`` — scaled to [0, 1] only (x/255), so a blank
+pixel is exactly 0 (the SBP reference code's MNIST input)."""
+
+
+def build_dataset(
+    name: str, raw: RawData, train_subset: int | None = None, input_scaling: str = "standardize"
+) -> Dataset:
+    """Normalize ``raw`` as ``input_scaling`` says (:data:`INPUT_SCALINGS`, statistics of the
+    training split); keep the first ``train_subset``."""
+    if input_scaling not in INPUT_SCALINGS:
+        raise ValueError(
+            f"input_scaling must be one of {', '.join(INPUT_SCALINGS)}, got {input_scaling!r}"
+        )
     n_train = len(raw.train_x)
     if train_subset is not None and not 1 <= train_subset <= n_train:
         raise ValueError(
             f"train_subset must be between 1 and {n_train} for {name}, got {train_subset}"
         )
     mean, std = channel_stats(raw.train_x, raw.max_value)
+    if input_scaling == "unit":
+        mean, std = (0.0,) * len(mean), (1.0,) * len(std)
     if min(std) == 0:
         raise ValueError(
             f"{name}: a channel of the training images is constant; cannot standardize"

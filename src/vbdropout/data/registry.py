@@ -31,6 +31,7 @@ def load_dataset(
     download: bool = False,
     train_subset: int | None = None,
     strict: bool = True,
+    input_scaling: str = "standardize",
 ) -> Dataset:
     """Load a dataset into memory as normalized tensors.
 
@@ -44,6 +45,8 @@ def load_dataset(
         strict: require canonical example counts and, for files not listed in a
             SHA256SUMS/MD5SUMS beside them, canonical md5s. ``strict=False`` accepts
             any well-formed files (e.g. small generated ones) on structure checks alone.
+        input_scaling: ``standardize`` (per-channel mean/std) or ``unit`` (x/255), see
+            :data:`~vbdropout.data.dataset.INPUT_SCALINGS`.
 
     Raises:
         ValueError: unknown ``name`` or invalid ``train_subset``.
@@ -56,4 +59,4 @@ def load_dataset(
     ):
         raise ValueError(f"train_subset must be a positive int or None, got {train_subset!r}")
     raw = DATASETS[name](resolve_data_dir(data_dir), download=download, strict=strict)
-    return build_dataset(name, raw, train_subset)
+    return build_dataset(name, raw, train_subset, input_scaling)

@@ -78,7 +78,8 @@ def _run_cell(
             r for r in table.rows if r.label == row.evaluate_run_of and r.model == row.model
         )
         run_dir = base / "runs" / f"{parent.key}-seed{seed}"
-        summary, model = _reevaluate(run_dir, data_dir, row.method_options.get("threshold", 3.0))
+        threshold = row.method_options.get("log_alpha_threshold", TrainConfig.log_alpha_threshold)
+        summary, model = _reevaluate(run_dir, data_dir, threshold)
     neurons = neurons_per_layer(shrink(model))
     return {
         "table": table.number,
@@ -125,7 +126,7 @@ def reproduce(
     table: str,
     budget: str = "quick",
     only: str | None = None,
-    seeds: int = 1,
+    seeds: int | range = 1,
     device: str = "auto",
     out: str | Path = "results",
     data_dir: str | None = None,
@@ -139,6 +140,8 @@ def reproduce(
     ``out``, also those that earlier calls with another ``only`` ran; the returned
     ``cells`` are the matching ones.
 
+    ``seeds``: how many seeds (0 .. seeds − 1), or a ``range`` of them (e.g. ``range(1, 3)``
+    to run seeds 1 and 2 in another process beside one running seed 0).
     ``epochs``/``train_subset`` override the budget's (a custom, labelled budget).
     """
     if table not in TABLES:
@@ -151,8 +154,9 @@ def reproduce(
         custom = Budget(epochs or base_budget.epochs, train_subset or base_budget.train_subset)
         budget = f"custom-e{custom.epochs}-n{custom.train_subset}"
         spec = dataclasses.replace(spec, budgets={**spec.budgets, budget: custom})
-    if seeds < 1:
-        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    seed_list = seeds if isinstance(seeds, range) else range(seeds)
+    if len(seed_list) < 1 or seed_list.start < 0:
+        raise ValueError(f"seeds must name at least one seed >= 0, got {seeds}")
     pattern = re.compile(only, re.IGNORECASE) if only else None
     out = Path(out)
     base = _cell_dir(out, table, budget)
@@ -164,7 +168,7 @@ def reproduce(
         if row.method not in METHODS:
             skipped.append(f"{row.label} ({row.method}): method not implemented yet")
             continue
-        for seed in range(seeds):
+        for seed in seed_list:
             path = base / "cells" / row.key / f"seed{seed}.json"
             if path.is_file():
                 cells.append(json.loads(path.read_text()))

@@ -52,6 +52,7 @@ __all__ = [
     "DNS",
     "METHODS",
     "POSITION_KEYS",
+    "RUN_OPTIONS",
     "SBP",
     "Adversarial",
     "Bernoulli",
@@ -76,6 +77,14 @@ __all__ = [
 
 Position = Literal["input", "hidden", "output"]
 
+RUN_OPTIONS: dict[str, str] = {
+    "log_alpha_threshold": "weight layers: a weight is pruned when its log α exceeds this",
+    "unit_threshold": "unit-noise layers: a unit is kept while its log α is at most this",
+    "train_clip": "pruned weights or units are also dropped in training",
+    "dataset_size": "N, the number of training examples",
+}
+"""The settings a training run can hand to a method, by the option name the method takes."""
+
 
 class Method:
     """Builds the weight layers of a network for one regularization method.
@@ -83,9 +92,15 @@ class Method:
     ``position`` tells a layer's place: ``input`` (reads the network input),
     ``hidden`` or ``output`` (the classifier); methods that drop inputs use it
     to pick their rate.
+
+    ``run_options`` declares which settings of a training run the method takes as
+    constructor options of the same name (see :data:`RUN_OPTIONS`); a run passes
+    exactly those, so no run setting reaches a method that means something else
+    by the name.
     """
 
     name: ClassVar[str]
+    run_options: ClassVar[tuple[str, ...]] = ()
 
     def linear(self, in_features: int, out_features: int, position: Position) -> nn.Module:
         raise NotImplementedError
@@ -126,12 +141,21 @@ class NoDropout(Method):
 
 
 class GaussianWeightMethod(Method):
-    """A Gaussian posterior on every weight; the prior is what defines the method."""
+    """A Gaussian posterior on every weight; the prior is what defines the method.
+
+    ``log_alpha_threshold``: a weight is pruned when its log α exceeds it (3, the
+    sparse VD cut); ``train_clip``: pruned weights are dropped in training too.
+    """
 
     prior: ClassVar[str]
+    run_options = ("log_alpha_threshold", "train_clip")
 
-    def __init__(self, threshold: float | None = 3.0, train_clip: bool = False) -> None:
-        self.options = {"prior": self.prior, "threshold": threshold, "train_clip": train_clip}
+    def __init__(self, log_alpha_threshold: float | None = 3.0, train_clip: bool = False) -> None:
+        self.options = {
+            "prior": self.prior,
+            "threshold": log_alpha_threshold,
+            "train_clip": train_clip,
+        }
 
     def linear(self, in_features: int, out_features: int, position: Position) -> nn.Module:
         return LinearVBD(in_features, out_features, **self.options)
@@ -312,6 +336,7 @@ class Concrete(Method):
     """
 
     name = "concrete"
+    run_options = ("dataset_size",)
 
     def __init__(
         self,
@@ -349,6 +374,7 @@ class Adversarial(InputNoiseMethod):
     """
 
     name = "adversarial"
+    run_options = ("dataset_size",)
 
     def __init__(
         self,
@@ -398,13 +424,19 @@ class UnitNoiseMethod(Method):
 
 
 class StructuredVBDMethod(UnitNoiseMethod):
-    """Structured VBD (Section 4.2): W' ~ N(θ, αθ²) per unit, KL ½·log(1 + 1/α)."""
+    """Structured VBD (Section 4.2): W' ~ N(θ, αθ²) per unit, KL ½·log(1 + 1/α).
+
+    ``unit_threshold``: a unit is kept while its log α is at most this (0, the
+    authors' cut); ``train_clip``: pruned units are dropped in training too (the
+    authors' hard mask).
+    """
 
     name = "vbd_structured"
     prior = "hierarchical"
+    run_options = ("unit_threshold", "train_clip")
 
-    def __init__(self, threshold: float | None = 0.0) -> None:
-        self.options = {"prior": self.prior, "threshold": threshold}
+    def __init__(self, unit_threshold: float | None = 0.0, train_clip: bool = False) -> None:
+        self.options = {"prior": self.prior, "threshold": unit_threshold, "train_clip": train_clip}
 
     def unit_noise(self, num_units: int) -> nn.Module:
         return StructuredVBD(num_units, **self.options)
@@ -450,7 +482,7 @@ METHODS: dict[str, type[Method]] = {
 
 
 def get_method(method: str | Method, **options: Any) -> Method:
-    """A :class:`Method` from its name and options (e.g. ``threshold`` for vbd)."""
+    """A :class:`Method` from its name and options (e.g. ``log_alpha_threshold`` for vbd)."""
     if isinstance(method, Method):
         if options:
             raise ValueError("options can only be given with a method name")
@@ -587,6 +619,7 @@ class Pruning(PerLayerMethod):
     """
 
     name = "pruning"
+    run_options = ("dataset_size",)
     per_layer = "sparsity"
     layer_classes = (LinearPruning, Conv2dPruning)
     defaults = HAN_SPARSITY
@@ -618,6 +651,7 @@ class DNS(PerLayerMethod):
     """
 
     name = "dns"
+    run_options = ("dataset_size",)
     per_layer = "c_rate"
     layer_classes = (LinearDNS, Conv2dDNS)
     defaults = DNS_C_RATE
@@ -737,17 +771,18 @@ class StructuredSparsity(Method):
 
     ``group_decay``: λ_g per example of the group lasso over the rows and columns of
     fully connected layers and the filters and input channels of convolutions;
-    ``weight_decay``: the L2 λ per example (5e-4); ``threshold``: a group is removed
+    ``weight_decay``: the L2 λ per example (5e-4); ``rms_threshold``: a group is removed
     once its RMS weight is at most this (checked after every epoch). ``dataset_size``
     is required (the trainer passes it).
     """
 
     name = "ssl"
+    run_options = ("dataset_size",)
 
     def __init__(
         self,
         group_decay: float = 1e-4,
-        threshold: float = 1e-3,
+        rms_threshold: float = 1e-3,
         weight_decay: float = 5e-4,
         dataset_size: int | None = None,
     ) -> None:
@@ -757,7 +792,7 @@ class StructuredSparsity(Method):
             dataset_size = _needs_dataset_size(self.name, dataset_size, "group lasso")
         self.options = {
             "group_decay": group_decay,
-            "threshold": check_nonnegative(threshold, "threshold"),
+            "rms_threshold": check_nonnegative(rms_threshold, "rms_threshold"),
             "weight_decay": weight_decay,
             "dataset_size": dataset_size,
         }

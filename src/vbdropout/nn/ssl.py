@@ -13,7 +13,7 @@ whose groups here are the structures whose removal shrinks the network:
 N·(λ/2)·‖W‖². A gradient optimizer drives the groups to zero but leaves them
 oscillating around it, so a group is removed — its mask set to zero, its
 weights zeroed exactly and held there (:class:`~vbdropout.nn.penalized.MaskedWeight`)
-— when its root-mean-square weight ‖W_g‖/√|g| falls to ``threshold`` or below,
+— when its root-mean-square weight ‖W_g‖/√|g| falls to ``rms_threshold`` or below,
 checked after every epoch (:meth:`GroupLasso.on_epoch_end`) and by
 :meth:`GroupLasso.remove_groups_`. The rest of the run fine-tunes the remaining
 structure, as Wen et al. fine-tune after removing the zero groups. A unit whose
@@ -41,7 +41,7 @@ class GroupLasso(MaskedWeight):
         self,
         *args: Any,
         group_decay: float = 1e-4,
-        threshold: float = 1e-3,
+        rms_threshold: float = 1e-3,
         weight_decay: float = 0.0,
         dataset_size: int | None = None,
         **kwargs: Any,
@@ -49,12 +49,12 @@ class GroupLasso(MaskedWeight):
         """``args``/``kwargs`` go to the torch layer unchanged.
 
         group_decay: λ_g per training example (needs ``dataset_size`` when > 0).
-        threshold: a group is removed when its RMS weight is at most this.
+        rms_threshold: a group is removed when its RMS weight is at most this.
         weight_decay, dataset_size: the L2 term (see :class:`PenalizedWeight`).
         """
         super().__init__(*args, weight_decay=weight_decay, dataset_size=dataset_size, **kwargs)
         self.group_decay = check_nonnegative(group_decay, "group_decay")
-        self.threshold = check_nonnegative(threshold, "threshold")
+        self.rms_threshold = check_nonnegative(rms_threshold, "rms_threshold")
         if self.group_decay > 0:
             check_dataset_size(dataset_size, "group_decay")
 
@@ -76,15 +76,15 @@ class GroupLasso(MaskedWeight):
 
     @torch.no_grad()
     def remove_groups_(self) -> tuple[int, int]:
-        """Remove the groups whose RMS weight is at most ``threshold``.
+        """Remove the groups whose RMS weight is at most ``rms_threshold``.
 
         Returns the numbers of removed (zero) output and input groups after the call.
         """
         rows, cols = self.group_norms()
         per_row = self.weight[0].numel()
         per_col = self.weight.numel() // self.weight.shape[1]
-        dead_rows = rows <= self.threshold * math.sqrt(per_row)
-        dead_cols = cols <= self.threshold * math.sqrt(per_col)
+        dead_rows = rows <= self.rms_threshold * math.sqrt(per_row)
+        dead_cols = cols <= self.rms_threshold * math.sqrt(per_col)
         keep = self.mask.clone()
         keep[dead_rows] = 0
         keep[:, dead_cols] = 0
@@ -95,13 +95,16 @@ class GroupLasso(MaskedWeight):
         self.remove_groups_()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, group_decay={self.group_decay}, threshold={self.threshold}"
+        return (
+            f"{super().extra_repr()}, group_decay={self.group_decay}, "
+            f"rms_threshold={self.rms_threshold}"
+        )
 
 
 class LinearSSL(GroupLasso, torch.nn.Linear):
     """``nn.Linear`` with a group lasso on neurons (Wen et al. 2016).
 
-    ``LinearSSL(in_features, out_features, bias=True, *, group_decay=1e-4, threshold=1e-3,
+    ``LinearSSL(in_features, out_features, bias=True, *, group_decay=1e-4, rms_threshold=1e-3,
     weight_decay=0.0, dataset_size=None)``.
     """
 

@@ -8,7 +8,9 @@ B' = f(B) ∘ W' (Eq. 19), so that pruning a variable removes a whole unit.
   additive reparameterization (θ, log σ²), KL from a prior of
   :mod:`vbdropout.priors` (VBD's ½·log(1 + 1/α) by default; ``log_uniform``
   gives structured sparse VD). As in the authors' code, θ starts at N(1, 0.01²),
-  log σ² at −9, and a unit is kept while log α ≤ 0 (``threshold``).
+  log σ² at −9, and a unit is kept while log α ≤ 0 (``threshold``); with
+  ``train_clip`` (the authors' hard mask) a pruned unit is also dropped in
+  training, so that it stays pruned.
 - :class:`StructuredBayesianPruning` — Neklyudov et al. (2017): W' = exp(ξ),
   ξ ~ N(μ, σ²) truncated to [a, b] = [−20, 0], KL to the log-uniform prior
   truncated to the same interval, unit kept while its signal-to-noise ratio
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.special import log_ndtr, ndtr, ndtri
 
-from ..priors import Prior, get_prior
+from ..priors import THETA_EPS, Prior, get_prior
 from .base import VariationalModule, state_key
 from .deterministic import Scale
 from .gaussian import _validate_threshold
@@ -94,7 +96,13 @@ class UnitNoise(VariationalModule):
 
 
 class StructuredVBD(UnitNoise):
-    """VBD's per-unit dropout-like layer W' ~ N(θ, αθ²) (Section 4.2, Eq. 19)."""
+    """VBD's per-unit dropout-like layer W' ~ N(θ, αθ²) (Section 4.2, Eq. 19).
+
+    threshold: a unit is kept while log α ≤ ``threshold`` (0, the authors' cut);
+        ``None`` keeps every unit.
+    train_clip: also drop the pruned units while training (the authors' hard mask:
+        their multiplier is zero, so only the KL acts on them and they stay pruned).
+    """
 
     def __init__(
         self,
@@ -102,11 +110,13 @@ class StructuredVBD(UnitNoise):
         prior: str | Prior = "hierarchical",
         threshold: float | None = 0.0,
         init_log_sigma2: float = -9.0,
+        train_clip: bool = False,
     ) -> None:
         super().__init__(num_units)
         self.prior = get_prior(prior)
         self.threshold = _validate_threshold(threshold)
         self.init_log_sigma2 = init_log_sigma2
+        self.train_clip = train_clip
         self.theta = nn.Parameter(torch.empty(num_units))
         self.log_sigma2 = nn.Parameter(torch.empty(num_units))
         self.reset_parameters()
@@ -118,9 +128,17 @@ class StructuredVBD(UnitNoise):
 
     @property
     def log_alpha(self) -> Tensor:
-        """log α = log σ² − log θ², clipped to [−8, 8]."""
-        raw = self.log_sigma2 - torch.log(self.theta * self.theta + 1e-8)
-        return self.prior.clip(raw)
+        """log α = log σ² − log(θ² + ε), not clipped (only capped where the prior caps α).
+
+        Unlike the weight layers' [−8, 8] clip, no lower bound: a unit starts at
+        log α ≈ −9 (θ ≈ 1, log σ² = −9), and a clamp there would pass no gradient, so
+        the KL would not push any unit at initialization. Both priors' KL terms are
+        smooth closed forms of log α on the whole real line (VBD's is exactly
+        ½·log(1 + θ²/σ²)), and ε keeps log α finite at θ = 0.
+        """
+        raw = self.log_sigma2 - torch.log(self.theta * self.theta + THETA_EPS)
+        cap = self.prior.max_log_alpha
+        return raw if cap is None else raw.clamp_max(cap)
 
     def keep_mask(self) -> Tensor:
         if self.threshold is None:
@@ -132,17 +150,21 @@ class StructuredVBD(UnitNoise):
 
     def sample(self, batch: int) -> Tensor:
         theta, sigma = self.theta, torch.exp(0.5 * self.log_sigma2)
-        if self.mc:
+        if self.mc or self.train_clip:
             mask = self.keep_mask()
             theta, sigma = theta * mask, sigma * mask
         eps = torch.randn(batch, self.num_units, device=theta.device, dtype=theta.dtype)
         return theta + sigma * eps
 
     def kl(self) -> Tensor:
+        """Σ over units of the prior's KL at the unclipped log α (½·log(1 + 1/α) for VBD)."""
         return self.prior.kl(self.log_alpha).sum()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, prior={self.prior.name}, threshold={self.threshold}"
+        return (
+            f"{super().extra_repr()}, prior={self.prior.name}, threshold={self.threshold}, "
+            f"train_clip={self.train_clip}"
+        )
 
 
 def _log_mass(lo: Tensor, hi: Tensor) -> Tensor:

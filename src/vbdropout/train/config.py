@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data import DATASETS
+from ..data import DATASETS, INPUT_SCALINGS
 from ..models import METHODS, MODELS
 from .protocols import PROTOCOLS
 
@@ -21,7 +21,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "resolve_config", "to_toml"]
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "check_types",
+    "load_config",
+    "resolve_config",
+    "to_toml",
+]
 
 
 class ConfigError(ValueError):
@@ -45,14 +52,39 @@ class TrainConfig:
     device: str = "auto"
     data_dir: str | None = None
     train_subset: int | None = None
-    threshold: float = 3.0
+    log_alpha_threshold: float = 3.0  # weight layers: prune a weight when log α > this
+    unit_threshold: float = 0.0  # structured VBD: keep a unit while log α <= this
     train_clip: bool = False
+    input_scaling: str = "standardize"  # or "unit": pixels in [0, 1] (blank pixels exactly 0)
     init: str | None = None
     nproc: int = 1
     network: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> TrainConfig:
+        """The config of a saved dict (a checkpoint's or a config.toml's), written by this or
+        an earlier version: renamed fields are read under their new names, fields added
+        since take their defaults. Unknown keys are a :class:`ConfigError`."""
+        data = upgrade_saved(saved)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        _check(not unknown, f"unknown config keys {unknown}; known: {sorted(known)}")
+        config = cls(**data)
+        check_types(config)
+        if isinstance(config.kl_warmup, list):
+            config.kl_warmup = tuple(config.kl_warmup)
+        return config
+
+
+_RENAMED = {"threshold": "log_alpha_threshold"}  # old name -> new name (0.1.0 runs)
+
+
+def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with the config fields renamed since it was written under their new names."""
+    return {_RENAMED.get(k, k): v for k, v in saved.items()}
 
 
 def _check(condition: bool, message: str) -> None:
@@ -133,6 +165,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     _check(
         config.device in ("auto", "cpu", "cuda"),
         f"device must be auto, cpu or cuda, got {config.device!r}",
+    )
+    _check(
+        config.input_scaling in INPUT_SCALINGS,
+        f"input_scaling must be one of {', '.join(INPUT_SCALINGS)}, got {config.input_scaling!r}",
     )
     protocol = PROTOCOLS[config.model]
     resolved = dataclasses.replace(
@@ -218,14 +254,7 @@ def load_config(path: str | Path) -> TrainConfig:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"cannot read config {path}: {err}") from None
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
-    _check(not unknown, f"{path}: unknown config keys {unknown}; known: {sorted(known)}")
-    config = TrainConfig(**data)
     try:
-        check_types(config)
+        return TrainConfig.from_saved(data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
-    if config.kl_warmup is not None:
-        config.kl_warmup = tuple(config.kl_warmup)
-    return config

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import inspect
 import io
 import json
 import math
@@ -55,7 +54,14 @@ from .checkpoint import (
     remove_stale_temp_files,
     save_checkpoint,
 )
-from .config import ConfigError, TrainConfig, resolve_config, to_toml
+from .config import (
+    ConfigError,
+    TrainConfig,
+    check_types,
+    resolve_config,
+    to_toml,
+    upgrade_saved,
+)
 from .loop import DivergenceError, evaluate, make_adam, train_epoch
 from .progress import ProgressBar
 from .schedules import kl_weight, lr_factor
@@ -96,21 +102,23 @@ def resolve_device(name: str) -> torch.device:
 def build_run_model(config: TrainConfig, data: Dataset) -> nn.Module:
     """The network of a (resolved) config, for training or for loading a checkpoint.
 
-    The method gets those of ``threshold``, ``train_clip`` and ``dataset_size``
-    (the training set's size) that it accepts.
+    The method gets the run settings it declares in its ``run_options``
+    (:data:`~vbdropout.models.methods.RUN_OPTIONS`): the pruning thresholds,
+    ``train_clip`` and ``dataset_size`` (the training set's size).
     """
-    offered = {
-        "threshold": config.threshold,
+    run_values = {
+        "log_alpha_threshold": config.log_alpha_threshold,
+        "unit_threshold": config.unit_threshold,
         "train_clip": config.train_clip,
         "dataset_size": data.train_x.shape[0],
     }
-    accepted = inspect.signature(METHODS[config.method]).parameters
+    method = METHODS[config.method]
     return build_model(
         config.model,
         config.method,
         input_shape=data.input_shape,
         num_classes=data.num_classes,
-        method_options={k: v for k, v in offered.items() if k in accepted},
+        method_options={k: run_values[k] for k in method.run_options},
         **config.network,
     )
 
@@ -384,9 +392,11 @@ def _saved_config(state: dict[str, Any], path: str | os.PathLike[str]) -> dict[s
     """The config dict stored in a checkpoint (a :class:`CheckpointError` if it is not one)."""
     if not isinstance(state["config"], dict):
         raise CheckpointError(f"{path} is not a vbdropout checkpoint (its config is not a dict)")
-    # fields added after the checkpoint was written take their defaults
+    # fields renamed since the checkpoint was written take their new names; fields added
+    # since then take their defaults
+    saved = upgrade_saved(state["config"])
     defaults = TrainConfig().to_dict()
-    return {**{k: v for k, v in defaults.items() if k not in state["config"]}, **state["config"]}
+    return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
 
 
 def _check_resumable(
@@ -506,7 +516,12 @@ def _train_locked(
 
     world = distributed.current()
     torch.manual_seed(config.seed)
-    data = load_dataset(config.dataset, config.data_dir, train_subset=config.train_subset)
+    data = load_dataset(
+        config.dataset,
+        config.data_dir,
+        train_subset=config.train_subset,
+        input_scaling=config.input_scaling,
+    )
     model = build_run_model(config, data).to(device)
     if config.init and state is None:
         _load_init(model, config.init)
@@ -724,9 +739,18 @@ def load_run(
     state = load_checkpoint(path, required=_RUN_KEYS)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in _saved_config(state, path).items() if k in fields})
+    try:
+        check_types(config)
+    except ConfigError as err:
+        raise CheckpointError(f"{_checkpoint_file(path)}: its config is malformed: {err}") from None
     if data_dir is not None:
         config.data_dir = data_dir
-    data = load_dataset(config.dataset, config.data_dir, train_subset=config.train_subset)
+    data = load_dataset(
+        config.dataset,
+        config.data_dir,
+        train_subset=config.train_subset,
+        input_scaling=config.input_scaling,
+    )
     model = build_run_model(config, data)
     load_model_state(model, state["model"], _checkpoint_file(path))
     return model.eval(), data, config
