@@ -243,10 +243,10 @@ def _prepare_out(out: Path, force: bool = False) -> None:
             f"{links[0]} is a symbolic link; a run directory's files must be its own "
             f"(remove the link or choose another --out)"
         )
-    if (out / RUN_MARKER).is_file():
-        return
+    if (out / RUN_MARKER).is_file() or (out / "checkpoint.pt").is_file():
+        return  # ours (a checkpoint: a run of an earlier version, or one to be refused)
     foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".write-test-"))
-    if foreign and not (out / "checkpoint.pt").is_file() and not force:
+    if foreign and not force:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ConfigError(
             f"{out} is not empty ({shown}) and is not a vbd run directory; choose an empty "
@@ -363,7 +363,7 @@ def train(
         return _train_locked(config, device, out, resume, progress=False)
     _prepare_out(out, force)
     with run_lock(out):
-        remove_stale_temp_files(out, RUN_FILES)  # left by a writer that was killed
+        remove_stale_temp_files(out, (RUN_MARKER, *RUN_FILES))  # left by a killed writer
         distributed.barrier()
         try:
             return _train_locked(config, device, out, resume, progress)
