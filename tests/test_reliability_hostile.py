@@ -544,3 +544,20 @@ def test_resume_refuses_a_result_setting_and_fewer_epochs(
     assert main(argv(out, shared_data, "--resume", epochs=2)) == 1
     one_line_error(capsys, "epochs=2: it has already trained 3 epochs")
     assert run_files(out) == before
+
+
+def test_a_short_sws_run_ends_with_a_working_network_and_says_so(
+    tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1 epoch: quantizing before the mixture settled put every weight at 0 (89.9% error)."""
+    out = tmp_path / "run"
+    assert main(argv(out, shared_data, "--method", "sws", "--json", subset=1000)) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.splitlines()[-1])
+    undone = summary["final_step_undone"]
+    assert undone and "quantizing the weights" in undone and "so it was undone" in undone
+    assert f"vbd train: warning: {undone}" in captured.err
+    assert summary["test_error"] < 0.5 and summary["compression"]["compression_ratio"] == 1.0
+    weights = load_checkpoint(out)["model"]["1.weight"]
+    assert weights.unique().numel() > 1000  # continuous, not quantized
+    assert load_checkpoint(out)["final_step_undone"] == undone
