@@ -561,3 +561,26 @@ def test_a_short_sws_run_ends_with_a_working_network_and_says_so(
     weights = load_checkpoint(out)["model"]["1.weight"]
     assert weights.unique().numel() > 1000  # continuous, not quantized
     assert load_checkpoint(out)["final_step_undone"] == undone
+
+
+def test_vbd_download_checks_files_already_there(
+    shared_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["download", "mnist", "--data-dir", str(shared_data), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result == {"dataset": "mnist", "folder": str(shared_data / "mnist")}
+
+
+def test_an_unexpected_error_type_is_one_line_unless_debugging(
+    monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("boom")
+
+    monkeypatch.setattr("vbdropout.train.trainer.evaluate_run", broken)
+    monkeypatch.delenv("VBD_DEBUG", raising=False)
+    assert main(["eval", "somewhere"]) == 1
+    one_line_error(capsys, "vbd eval: error: unexpected KeyError: 'boom'", "VBD_DEBUG=1")
+    monkeypatch.setenv("VBD_DEBUG", "1")
+    with pytest.raises(KeyError, match="boom"):
+        main(["eval", "somewhere"])
