@@ -10,6 +10,7 @@ and checks that nothing outside the run directory changed. docs/RELIABILITY.md l
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import os
 import signal
@@ -29,6 +30,8 @@ from torch import nn
 from vbdropout import kernels
 from vbdropout.cli import main
 from vbdropout.data import DataError, load_dataset
+from vbdropout.losses import elbo_terms
+from vbdropout.models import METHODS, build_model
 from vbdropout.nn import Conv2dVBD, LinearVBD
 from vbdropout.train import DivergenceError, train_epoch
 from vbdropout.train import checkpoint as checkpoint_module
@@ -400,6 +403,23 @@ def test_a_zero_sized_input_layer_trains_in_an_epoch() -> None:
         model, opt, torch.zeros(6, 0), torch.arange(6) % 5, batch_size=3, kl_weight=1
     )
     assert np.isfinite(stats["loss"])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_an_empty_batch_passes_every_method_and_the_loss_says_why_it_has_none(
+    method: str,
+) -> None:
+    accepted = inspect.signature(METHODS[method]).parameters
+    options = {"dataset_size": 100} if "dataset_size" in accepted else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = build_model("lenet5_caffe", method, method_options=options)
+    x = torch.randn(0, 1, 28, 28)
+    for mode in ("train", "eval"):
+        getattr(net, mode)()
+        assert tuple(net(x).shape) == (0, 10), mode
+    with pytest.raises(ValueError, match="empty batch"):
+        elbo_terms(net(x), torch.zeros(0, dtype=torch.long), net, 100)
 
 
 # ---------------------------------------------------------------- 8. data files
