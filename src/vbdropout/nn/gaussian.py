@@ -200,6 +200,13 @@ class GaussianWeight(VariationalModule):
             sigma2 = torch.minimum(sigma2, cap)
         return sigma2
 
+    def sigma2_overflows(self) -> Tensor:
+        """Whether some σ² = exp(log σ²) overflows to inf (a 0-dim bool tensor): only an
+        additive layer whose prior does not cap α can, when log σ² > log(dtype max)."""
+        if not self.additive or self.prior.max_log_alpha is not None or not self.weight.numel():
+            return torch.zeros((), dtype=torch.bool, device=self.weight.device)
+        return self.log_sigma2.detach().amax() > math.log(torch.finfo(self.log_sigma2.dtype).max)
+
     def keep_mask(self, threshold: float | str | None = "own") -> Tensor:
         """Boolean mask of the weights that survive pruning: log α ≤ threshold.
 

@@ -106,17 +106,16 @@ def _checked_step(
         raise DivergenceError(
             f"{where}: parameter {bad} became NaN/inf in the update (learning rate too large?)"
         )
-    with torch.no_grad():  # finite parameters can still imply σ² = exp(log σ²) = inf
-        bad = _first_nonfinite(
-            (f"{name}.sigma2", m.sigma2())
-            for name, m in model.named_modules()
-            if isinstance(m, GaussianWeight)
-        )
-    if bad is not None:
-        raise DivergenceError(
-            f"{where}: the update made {bad} = exp(log σ²) overflow to inf "
-            f"(learning rate too large?)"
-        )
+    gaussian = [(name, m) for name, m in model.named_modules() if isinstance(m, GaussianWeight)]
+    if gaussian:  # finite parameters can still imply σ² = exp(log σ²) = inf
+        overflows = torch.stack([m.sigma2_overflows() for _, m in gaussian])
+        if bool(overflows.any()):  # one sync
+            flags = overflows.tolist()
+            bad = next(name for (name, _), flag in zip(gaussian, flags, strict=True) if flag)
+            raise DivergenceError(
+                f"{where}: the update made {bad}.sigma2 = exp(log σ²) overflow to inf "
+                f"(learning rate too large?)"
+            )
     return loss, kl
 
 
