@@ -38,7 +38,10 @@ def test_two_processes_match_one_and_only_rank_0_writes(tmp_path, shared_data):
     assert two["test_error"] < 0.2
     assert two["compression"]["weights"] == one["compression"]["weights"]
     names = sorted(p.name for p in (tmp_path / "two").iterdir() if p.name != "tensorboard")
-    assert names == ["checkpoint.pt", "config.toml", "metrics.csv", "metrics.jsonl", "summary.json"]
+    assert names == [
+        ".vbdropout-run", "checkpoint.pt", "config.toml", "metrics.csv", "metrics.jsonl",
+        "summary.json",
+    ]  # fmt: skip
     rows = [
         json.loads(line)["epoch"]
         for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()

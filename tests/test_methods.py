@@ -38,14 +38,7 @@ needs_mnist = pytest.mark.skipif(
 NEEDS_N = {"concrete", "adversarial", "pruning", "dns", "ssl"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests run many tiny ops, where intra-op threads cost more than they give
-    (10× slower on a busy 2-core machine); one thread also fixes the summation order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def options(method: str, dataset_size: int = 1000) -> dict | None:

@@ -37,13 +37,7 @@ NEW = ("pruning", "dns", "sws", "ssl")
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: one thread is faster on a busy 2-core machine and fixes the summation order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def options(method: str, n: int = 1000, **extra) -> dict:

@@ -84,8 +84,8 @@ def test_resume_reads_the_runs_own_config(tmp_path, shared_data, capsys):
     assert main(["train", "--out", out, "--resume", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["method"] == "sparse_vd" and summary["config"]["train_subset"] == 300
-    assert main(["train", "--out", out, "--resume", "--epochs", "5"]) == 1
-    assert "config differs in ['epochs']" in capsys.readouterr().err
+    assert main(["train", "--out", out, "--resume", "--batch-size", "50"]) == 1
+    assert "config differs in ['batch_size']" in capsys.readouterr().err
 
 
 def test_train_help_groups_options_states_defaults_and_lists_methods(capsys):

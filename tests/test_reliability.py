@@ -255,7 +255,10 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(
     assert_same_run(out, reference())
     assert not any(path.exists() for path in strays), "a torn temp file was left behind"
     names = sorted(p.name for p in out.iterdir() if p.name != "tensorboard")
-    assert names == ["checkpoint.pt", "config.toml", "metrics.csv", "metrics.jsonl", "summary.json"]
+    assert names == [
+        ".vbdropout-run", "checkpoint.pt", "config.toml", "metrics.csv", "metrics.jsonl",
+        "summary.json",
+    ]  # fmt: skip
     print(
         f"\n{len(KILLS)} kills; checkpoint epoch after each: {epochs}; "
         f"random kills that landed inside a write: {landed_in_write}"
@@ -423,7 +426,7 @@ def test_divergence_mid_run_keeps_the_last_good_checkpoint_byte_identical(
     assert state["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     kept = sorted(p.name for p in out.iterdir() if p.name != "tensorboard")
-    assert kept == sorted(files)  # no summary, lock or temp
+    assert kept == sorted([".vbdropout-run", *files])  # no summary, lock or temp
 
 
 def test_cli_reports_divergence_in_one_line(
@@ -518,7 +521,7 @@ def test_crafted_checkpoint_runs_no_code_anywhere(
     assert not marker.exists()
     assert (resumed / "checkpoint.pt").read_bytes() == content
     assert sorted(p.name for p in resumed.iterdir()) == ["checkpoint.pt"]
-    assert list((tmp_path / "init").iterdir()) == []
+    assert [p.name for p in (tmp_path / "init").iterdir()] == [".vbdropout-run"]  # ours now
 
 
 @pytest.mark.parametrize("case", ["truncated", "empty", "not a dict", "missing entries"])

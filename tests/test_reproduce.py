@@ -72,13 +72,18 @@ def test_table2_runs_end_to_end_on_generated_cifar_files(tmp_path, lenient_data,
     assert "| No Dropout | scale 1 |" in markdown, "rows of earlier runs stay in the table"
 
 
-def test_table3_runs_end_to_end_on_generated_svhn_files(tmp_path, lenient_data, capsys):
+@pytest.fixture
+def table3_argv(tmp_path, lenient_data) -> list[str]:
+    """`vbd reproduce table3` for the Ours row on generated SVHN files, 1 epoch."""
     write_svhn(tmp_path / "data" / "svhn", "train_32x32.mat", n=40)
     write_svhn(tmp_path / "data" / "svhn", "test_32x32.mat", n=20, seed=1)
-    argv = ["reproduce", "table3", "--only", "^Ours", "--out", str(tmp_path / "results"),
+    return ["reproduce", "table3", "--only", "^Ours", "--out", str(tmp_path / "results"),
             "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--train-subset", "40",
             "--device", "cpu", "--json"]  # fmt: skip
-    assert main(argv) == 0
+
+
+def test_table3_runs_end_to_end_on_generated_svhn_files(table3_argv, capsys):
+    assert main(table3_argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [c["label"] for c in result["cells"]] == ["Ours"]
     assert result["skipped"] == []
@@ -119,13 +124,9 @@ def test_rows_without_an_implemented_method_are_listed_not_run(tmp_path, monkeyp
         reproduce("table9")
 
 
-def test_a_seed_range_runs_only_those_seeds(tmp_path, lenient_data, capsys):
+def test_a_seed_range_runs_only_those_seeds(table3_argv, tmp_path, capsys):
     """``--seeds A-B`` lets processes split a table's seeds; a count still means 0..N-1."""
-    write_svhn(tmp_path / "data" / "svhn", "train_32x32.mat", n=40)
-    write_svhn(tmp_path / "data" / "svhn", "test_32x32.mat", n=20, seed=1)
-    argv = ["reproduce", "table3", "--only", "^Ours", "--out", str(tmp_path / "results"),
-            "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--train-subset", "40",
-            "--device", "cpu", "--json"]  # fmt: skip
+    argv = table3_argv
     assert main([*argv, "--seeds", "1-2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sorted(c["seed"] for c in result["cells"]) == [1, 2]

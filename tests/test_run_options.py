@@ -23,12 +23,7 @@ from vbdropout.train.trainer import load_run
 pytest.importorskip("sklearn")  # the digits data set
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(tmp_path, capsys, *args: str) -> tuple[dict, torch.nn.Module]:

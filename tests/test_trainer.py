@@ -50,7 +50,10 @@ def cli_train(out, shared_data, epochs, *extra):
 def test_run_writes_its_files_and_a_complete_summary(tmp_path, shared_data):
     summary = train(quick(tmp_path / "run", shared_data), progress=False)
     files = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name != "tensorboard")
-    assert files == ["checkpoint.pt", "config.toml", "metrics.csv", "metrics.jsonl", "summary.json"]
+    assert files == [
+        ".vbdropout-run", "checkpoint.pt", "config.toml", "metrics.csv", "metrics.jsonl",
+        "summary.json",
+    ]  # fmt: skip
     rows = [
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
@@ -128,6 +131,7 @@ def test_existing_run_needs_resume_and_resume_needs_the_same_config(tmp_path, sh
 def test_a_live_lock_refuses_a_second_run_and_a_stale_lock_is_taken_over(tmp_path, shared_data):
     out = tmp_path / "run"
     out.mkdir()
+    (out / ".vbdropout-run").write_text("")  # a run directory of ours (a lone .lock is not)
     (out / ".lock").write_text(str(os.getpid()))
     with pytest.raises(RunLockedError, match="in use by another training process"):
         train(quick(out, shared_data, epochs=1), progress=False)

@@ -10,15 +10,26 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
+import signal
 import sys
 import textwrap
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .data import DataError
 
 __all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: ``vbd CMD: error: ...`` (status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -28,6 +39,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -80,6 +101,19 @@ def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _cmd_download(args: argparse.Namespace) -> dict[str, Any]:
+    from .data import load_dataset, resolve_data_dir
+
+    data = load_dataset(args.dataset, args.data_dir, download=True)
+    folder = resolve_data_dir(args.data_dir) / args.dataset
+    if not args.json:
+        print(
+            f"{args.dataset}: {data.train_x.shape[0]} training and "
+            f"{data.test_x.shape[0]} test examples, checked, in {folder}"
+        )
+    return {"dataset": args.dataset, "folder": str(folder)}
+
+
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     from .train import TrainConfig, load_config, train
 
@@ -95,9 +129,11 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     config.network.update(network)
     if config.out == TrainConfig.out:
         config.out = f"runs/{config.model}-{config.method}-{config.dataset}-seed{config.seed}"
-    summary = train(config, resume=args.resume, progress=not args.json)
+    summary = train(config, resume=args.resume, progress=not args.json, force=args.force)
     if not summary:  # a torchrun worker other than rank 0: rank 0 reports
         return None
+    for warning in summary["warnings"]:
+        print(f"vbd train: warning: {warning}", file=sys.stderr)
     if not args.json:
         compression = summary["compression"]
         print(
@@ -344,7 +380,25 @@ def _add_train_parser(sub: Any) -> None:
     run.add_argument(
         "--json", action="store_true", help="print one JSON object as the last line (default: off)"
     )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="train into an --out that holds files but is no run directory (replacing its "
+        "checkpoint.pt, config.toml, metrics.*, summary.json; default: off)",
+    )
     train.set_defaults(run_command=_cmd_train)
+
+    download = sub.add_parser(
+        "download",
+        help="download and check a dataset (md5-checked, atomic)",
+        description="Download DATASET's files from their canonical URLs into the data folder.",
+    )
+    download.add_argument("dataset", choices=sorted(DATASETS))
+    download.add_argument(
+        "--data-dir", help="data folder (default $VBD_DATA_DIR or the user cache)"
+    )
+    download.add_argument("--json", action="store_true", help="print one JSON object as last line")
+    download.set_defaults(run_command=_cmd_download)
 
     evaluate = sub.add_parser(
         "eval",
@@ -352,7 +406,9 @@ def _add_train_parser(sub: Any) -> None:
         description="Evaluate RUN (a run directory or checkpoint.pt) on its dataset's test split.",
     )
     evaluate.add_argument("run")
-    evaluate.add_argument("--mc-samples", type=int, default=0, help="also average K sampled passes")
+    evaluate.add_argument(
+        "--mc-samples", type=_count, default=0, help="also average K sampled passes"
+    )
     evaluate.add_argument("--data-dir")
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object as last line")
@@ -433,7 +489,7 @@ def _add_train_parser(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .models import METHODS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vbd",
         description="Variational Bayesian Dropout: train, compress, reproduce. "
         "`vbd COMMAND --help` lists a command's options with their defaults.",
@@ -485,17 +541,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the commands raise for bad input, bad files and failed runs: one line each.
+_EXPECTED_ERRORS = (ValueError, OSError, ImportError, RuntimeError, ArithmeticError, DataError)
+DEBUG_ENV = "VBD_DEBUG"  # set to 1 for the traceback of an unexpected error
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM interrupts like Ctrl-C (so that locks are released)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``vbd``; returns the exit status: 0, 1 (error), 2 (bad arguments) or 130
+    (interrupted by Ctrl-C or SIGTERM). Every error is one line on stderr."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    name = f"vbd {args.command}"
     try:
-        result = args.run_command(args)
-    except (ValueError, OSError, ImportError, RuntimeError, DataError) as err:
-        print(f"vbd {args.command}: error: {err}", file=sys.stderr)
+        with _sigterm_interrupts():
+            result = args.run_command(args)
+    except KeyboardInterrupt as err:
+        print(f"{name}: {err if str(err) else 'interrupted'}", file=sys.stderr)
+        return 130
+    except _EXPECTED_ERRORS as err:
+        print(f"{name}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(
+            f"{name}: error: unexpected {type(err).__name__}: {_one_line(err)} "
+            f"(set {DEBUG_ENV}=1 for the traceback, and please report it)",
+            file=sys.stderr,
+        )
         return 1
     if args.json and result is not None:
         print(json.dumps(result, sort_keys=True))
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name if it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":

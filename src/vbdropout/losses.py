@@ -61,6 +61,8 @@ def elbo_terms(
             f"expected logits of shape (B, C) and targets of shape (B,), "
             f"got {tuple(logits.shape)} and {tuple(targets.shape)}"
         )
+    if logits.shape[0] == 0:
+        raise ValueError("got an empty batch: its mean cross-entropy is undefined")
     nll = F.cross_entropy(logits, targets)
     kl = kl_divergence(model)
     loss = dataset_size * nll + kl_weight * kl

@@ -37,6 +37,7 @@ import io
 import json
 import math
 import os
+import tempfile
 import warnings
 from importlib.util import find_spec
 from pathlib import Path
@@ -330,7 +331,11 @@ def _write_onnx(model: nn.Module, example: Tensor, path: Path) -> str | None:
     if find_spec("onnx") is None:
         path.unlink(missing_ok=True)  # never leave a stale file from an earlier export
         return 'not written: pip install "vbdropout[export]" for ONNX'
-    tmp = path.with_name(f".{path.name}.tmp")
+    # a fresh file (O_EXCL), never a name someone could have planted as a symlink
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 → the usual permissions
+    os.close(fd)
+    tmp = Path(name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -74,24 +74,34 @@ class DataFile:
             msg += f" Get it from {' or '.join(self.urls)}"
             if self.md5:
                 msg += f" (md5 {self.md5})"
-            msg += " or load with download=True."
+            dataset = self.path.relative_to(self.data_dir).parts[0]  # <data_dir>/<dataset>/...
+            msg += (
+                f", or download it: vbd download {dataset} on the command line, "
+                f"load_dataset({dataset!r}, download=True) in Python."
+            )
         msg += (
             f" Choose the data folder with --data-dir or the {DATA_DIR_ENV} environment variable."
         )
         return DataError(msg)
 
+    def absent(self) -> str:
+        """Why the file cannot be read as a file ("missing", a dangling or looping symlink)."""
+        if self.path.is_symlink():
+            return "a symbolic link that leads to no file (dangling, or a loop)"
+        return "not a file" if self.path.exists() else "missing"
+
     def fetch(self, *, download: bool, strict: bool) -> None:
         """Make sure the file is present (downloading it if allowed) and verified."""
         if not self.path.is_file():
-            if not download:
-                raise self.error("missing")
+            if not download or self.path.is_symlink():
+                raise self.error(self.absent())
             self.download()
         self.verify(strict=strict)
 
     def verify(self, *, strict: bool) -> None:
         """Check the file against listed checksums, or its canonical md5 when strict."""
         if not self.path.is_file():
-            raise self.error("missing")
+            raise self.error(self.absent())
         expected = self._listed_checksums()
         if not expected and strict and self.md5:
             origin = (

@@ -31,6 +31,8 @@ SPLITS = {
 }
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049
+_MAX_DEFLATE_RATIO = 1032  # deflate expands at most ~1032:1, which bounds what a header can claim
+_CHUNK = 1 << 20
 
 
 def read(data_dir: Path, *, download: bool, strict: bool) -> RawData:
@@ -79,18 +81,37 @@ def read_idx(file: DataFile, magic: int) -> np.ndarray:
                 raise file.error(f"truncated: IDX header is only {len(header)} bytes")
             found = int.from_bytes(header[:4], "big")
             if found != magic:
-                raise file.error(f"bad magic number {found}, expected {magic}")
+                raise _content_error(f, file, f"bad magic number {found}, expected {magic}")
             dims = tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
             size = math.prod(dims)
+            most = file.path.stat().st_size * _MAX_DEFLATE_RATIO
+            if size > most:  # a bad header: never try to read (or allocate) that much
+                raise _content_error(
+                    f,
+                    file,
+                    f"bad IDX header: dims {dims} need {size} data bytes, more than a gzip "
+                    f"file of this size can hold",
+                )
             payload = f.read(size)
             if len(payload) < size:
                 raise file.error(
                     f"truncated: header {dims} needs {size} data bytes, found {len(payload)}"
                 )
             if f.read(1):
-                raise file.error(
-                    f"wrong shape: extra bytes after the {size} that header {dims} needs"
+                raise _content_error(
+                    f, file, f"wrong shape: extra bytes after the {size} that header {dims} needs"
                 )
     except (OSError, EOFError, zlib.error) as exc:
         raise file.error(f"corrupt or truncated gzip ({exc})") from exc
     return np.frombuffer(payload, dtype=np.uint8).reshape(dims).copy()
+
+
+def _content_error(f: gzip.GzipFile, file: DataFile, problem: str) -> Exception:
+    """The error for a content ``problem`` found before the end of the gzip stream.
+
+    Reads on to the end first, where gzip checks its CRC-32: a corrupt file (whose
+    damage may be what looks like the problem) raises there as corrupt.
+    """
+    while f.read(_CHUNK):
+        pass
+    return file.error(problem)

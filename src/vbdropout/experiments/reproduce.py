@@ -27,6 +27,7 @@ from typing import Any
 from ..models import METHODS
 from ..train.checkpoint import atomic_write_bytes, atomic_write_json
 from ..train.config import TrainConfig
+from .stats import mean_interval, welch_interval
 from .tables import TABLES, Budget, Row, Table
 
 __all__ = ["PLOTS_NEED_MATPLOTLIB", "cell_config", "reproduce", "table_markdown"]
@@ -231,16 +232,48 @@ def _finished_cells(spec: Table, base: Path) -> list[dict[str, Any]]:
     ]
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_sd(values: list[float], digits: int = 2) -> str:
+    """``mean ± sd`` over seeds (the value itself for one seed)."""
+    if not all(math.isfinite(v) for v in values):
+        return "inf" if all(v == math.inf for v in values) else "–"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _per_layer(vectors: list[list[int]]) -> str:
+    """Per-layer means joined by dashes, with the per-layer sd in brackets for n ≥ 2."""
+    means = "-".join(f"{statistics.fmean(layer):.0f}" for layer in zip(*vectors, strict=True))
+    if len(vectors) < 2:
+        return means
+    spreads = "-".join(f"{statistics.stdev(layer):.0f}" for layer in zip(*vectors, strict=True))
+    return f"{means} (± {spreads})"
+
+
+def _paper_inside(values: list[float], paper: float) -> str:
+    """Whether the paper's value lies in the 95% interval of our mean (n ≥ 2)."""
+    inside = mean_interval(values).contains(paper) if len(values) >= 2 else None
+    return "–" if inside is None else ("yes" if inside else "no")
+
+
+def _cells_of(row: Row, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        c
+        for c in cells
+        if c["label"] == row.label and c["model"] == row.model and c["column"] == row.column
+    ]
+
+
+def _errors(cells: list[dict[str, Any]]) -> list[float]:
+    return [100 * c["test_error"] for c in cells]
 
 
 def table_markdown(
     spec: Table, budget: str, cells: list[dict[str, Any]], skipped: list[str]
 ) -> str:
-    """Paper value next to ours for every row (mean ± std over seeds)."""
+    """Paper value next to ours for every row: mean ± sd over seeds, whether the paper's
+    error lies in our 95% interval, and the paper's comparisons (ours vs each baseline) as
+    differences of means with Welch's 95% interval (:mod:`.stats`)."""
     quick = budget != "paper"
     ours = "ours (QUICK)" if quick else "ours"
     b = spec.budgets[budget]
@@ -255,7 +288,9 @@ def table_markdown(
             "Quick numbers are from short runs and are NOT comparable to the paper's. "
             if quick
             else ""
-        ),
+        )
+        + "Ours: mean ± sd over the seeds; 'paper in 95% CI': whether the paper's error "
+        "lies in the 95% t-interval of our mean (n ≥ 2).",
         "",
     ]
     extra = {
@@ -267,33 +302,76 @@ def table_markdown(
         ],
         "neurons": ["paper neurons", f"{ours} neurons"],
     }.get(spec.metric, [])
-    header = ["method", "network", "paper error %", f"{ours} error %", *extra, "epochs", "seeds"]
+    header = [
+        "method", "network", "paper error %", f"{ours} error %", "paper in 95% CI",
+        *extra, "epochs", "seeds",
+    ]  # fmt: skip
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in spec.rows:
-        mine = [
-            c
-            for c in cells
-            if c["label"] == row.label and c["model"] == row.model and c["column"] == row.column
-        ]
+        mine = _cells_of(row, cells)
         if not mine:
             continue
-        errors = [100 * c["test_error"] for c in mine]
-        values = [row.label, row.column, f"{row.paper_error:.2f}", _mean_std(errors)]
+        errors = _errors(mine)
+        values = [
+            row.label, row.column, f"{row.paper_error:.2f}", _mean_sd(errors),
+            _paper_inside(errors, row.paper_error),
+        ]  # fmt: skip
         if spec.metric == "compression":
             ratios = [c["compression"]["compression_ratio"] or math.inf for c in mine]
+            sparsity = [
+                [float(v) for v in c["compression"]["sparsity_per_layer"].split("-")] for c in mine
+            ]
             values += [
                 row.paper_sparsity or "–",
-                mine[0]["compression"]["sparsity_per_layer"],
+                "-".join(f"{statistics.fmean(layer):.1f}" for layer in zip(*sparsity, strict=True)),
                 f"{row.paper_ratio:g}" if row.paper_ratio else "–",
-                _mean_std(ratios),
+                _mean_sd(ratios, digits=1),
             ]
         elif spec.metric == "neurons":
-            values += [row.paper_neurons or "–", "-".join(map(str, mine[0]["neurons_per_layer"]))]
+            values += [row.paper_neurons or "–", _per_layer([c["neurons_per_layer"] for c in mine])]
         values += [str(mine[0]["epochs"]), str(len(mine))]
         lines.append("| " + " | ".join(values) + " |")
+    lines += _comparisons(spec, cells)
     if skipped:
         lines += ["", "Not run:", *(f"- {s}" for s in skipped)]
     return "\n".join(lines) + "\n"
+
+
+def _comparisons(spec: Table, cells: list[dict[str, Any]]) -> list[str]:
+    """The paper's comparison, ours minus each baseline of the same column, for the pairs
+    with at least two seeds on both sides: error in points (and, for the compression
+    tables, |W|/|W≠0| or the number of kept units) with Welch's 95% interval."""
+    lines = []
+    for row in spec.rows:
+        mine = _cells_of(row, cells)
+        if not row.label.startswith("Ours") or len(mine) < 2:
+            continue
+        for other in spec.rows:
+            theirs = _cells_of(other, cells)
+            if other.column != row.column or other.label.startswith("Ours") or len(theirs) < 2:
+                continue
+            parts = [_difference("error", _errors(mine), _errors(theirs), "points")]
+            if spec.metric == "neurons":
+                kept = [[sum(c["neurons_per_layer"]) for c in group] for group in (mine, theirs)]
+                parts.append(_difference("units kept", *kept, "", digits=0))
+            if spec.metric == "compression":
+                ratios = [[c["compression"]["compression_ratio"] or math.inf for c in group]
+                          for group in (mine, theirs)]  # fmt: skip
+                if all(math.isfinite(v) for group in ratios for v in group):
+                    parts.append(_difference("|W|/|W≠0|", *ratios, "", digits=1))
+            lines.append(
+                f"- {row.label} − {other.label} ({row.column}, n = {len(mine)} vs "
+                f"{len(theirs)}): " + "; ".join(parts)
+            )
+    if lines:
+        lines = ["", "Ours minus each baseline, difference of means [Welch 95% interval]:", *lines]
+    return lines
+
+
+def _difference(name: str, a: list[float], b: list[float], unit: str, digits: int = 2) -> str:
+    d = welch_interval(a, b)
+    unit = f" {unit}" if unit else ""
+    return f"{name} {d.estimate:+.{digits}f} [{d.low:+.{digits}f}, {d.high:+.{digits}f}]{unit}"
 
 
 def _plots(spec: Table, cells: list[dict[str, Any]], base: Path) -> list[str]:

@@ -184,7 +184,7 @@ def status() -> str:
 
 
 def supports(*tensors: Tensor) -> bool:
-    """Whether the kernels are on and take these tensors: CPU float32, dense
+    """Whether the kernels are on and take these tensors: CPU float32, non-empty, dense
     (contiguous or channels-last), outside CPU autocast and ``torch.func``
     transforms (which the autograd functions do not implement); builds the kernels
     on the first call."""
@@ -192,6 +192,8 @@ def supports(*tensors: Tensor) -> bool:
         return False
     for t in tensors:
         if t.device.type != "cpu" or t.dtype != torch.float32 or t.layout != torch.strided:
+            return False
+        if t.numel() == 0:  # zero-sized layers and batches: the eager path handles them
             return False
         if not (
             t.is_contiguous()

@@ -137,8 +137,8 @@ class AdversarialDropoutNet(VariationalModule):
         for layer in layers:
             layer.mc, layer.mask = self.mc, None
         adversarial = [m for m in layers if isinstance(m, AdversarialDropout)]
-        if not self.training or not adversarial:
-            return self.network(x)
+        if not self.training or not adversarial or x.shape[0] == 0:
+            return self.network(x)  # (an empty batch has no adversarial term)
         others = [m for m in layers if not isinstance(m, AdversarialDropout)]
         try:
             logits = self.network(x)  # (1) random masks ε_s

@@ -32,7 +32,9 @@ exactly as ½·log(1 + θ²/σ²) (see :meth:`~vbdropout.priors.Prior.kl_sum_add
 from __future__ import annotations
 
 import math
+import threading
 import weakref
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -75,6 +77,26 @@ def _validate_threshold(threshold: float | None) -> float | None:
             f"got {threshold}; use None to disable pruning"
         )
     return float(threshold)
+
+
+@dataclass
+class _LoadRecord:
+    """What the Gaussian layers of one ``load_state_dict`` call saw so far."""
+
+    missing_keys: list[str]  # the call's own list: identifies the call
+    variational: bool = False  # some layer found its variance entry
+    taken_as_plain: list[str] = field(default_factory=list)  # variance keys let go as plain
+
+
+_LOADING = threading.local()
+
+
+def _load_record(missing_keys: list[str]) -> _LoadRecord:
+    """The record of the load that ``missing_keys`` belongs to (a new one for a new load)."""
+    record = getattr(_LOADING, "record", None)
+    if record is None or record.missing_keys is not missing_keys:
+        record = _LOADING.record = _LoadRecord(missing_keys)
+    return record
 
 
 class GaussianWeight(VariationalModule):
@@ -177,6 +199,13 @@ class GaussianWeight(VariationalModule):
             cap = (self.weight * self.weight) * math.exp(self.prior.upper_log_alpha)
             sigma2 = torch.minimum(sigma2, cap)
         return sigma2
+
+    def sigma2_overflows(self) -> Tensor:
+        """Whether some σ² = exp(log σ²) overflows to inf (a 0-dim bool tensor): only an
+        additive layer whose prior does not cap α can, when log σ² > log(dtype max)."""
+        if not self.additive or self.prior.max_log_alpha is not None or not self.weight.numel():
+            return torch.zeros((), dtype=torch.bool, device=self.weight.device)
+        return self.log_sigma2.detach().amax() > math.log(torch.finfo(self.log_sigma2.dtype).max)
 
     def keep_mask(self, threshold: float | str | None = "own") -> Tensor:
         """Boolean mask of the weights that survive pruning: log α ≤ threshold.
@@ -339,15 +368,26 @@ class GaussianWeight(VariationalModule):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        """Accept a plain layer's state_dict: θ and bias from it, the variance at its init."""
+        """Accept a plain layer's state_dict: θ and bias from it, the variance at its init.
+
+        Only a dict without any variational entry is plain: if another Gaussian layer
+        of the same load found its variance, every missing one stays missing (a
+        truncated variational state_dict must not load silently).
+        """
         names = ("log_sigma2",) if self.additive else ("log_alpha_param",)
         absent = [prefix + n for n in names if prefix + n not in state_dict]
+        record = _load_record(missing_keys)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if absent and prefix + "weight" in state_dict:
+        if not absent:
+            record.variational = True
+            missing_keys.extend(key for key in record.taken_as_plain if key not in missing_keys)
+            record.taken_as_plain.clear()
+        elif prefix + "weight" in state_dict and not record.variational:
             for key in absent:
                 missing_keys.remove(key)
+            record.taken_as_plain.extend(absent)
             self.reset_variational_parameters()
 
 
@@ -381,6 +421,26 @@ class _ConvGaussianWeight(GaussianWeight):
     _spatial_dims: int
 
     def _apply_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if weight.shape[0] == 0 or weight.shape[1] == 0:
+            return self._conv_with_zero_channels(x, weight, bias)
+        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
+
+    def _conv_with_zero_channels(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The convolution when a side has no channels, which torch refuses (no output
+        channels) or gets wrong (no input channels: it returns no output channels, not
+        the bias). The empty side gets one zero channel per group, cut off afterwards."""
+        groups = self.groups  # type: ignore[attr-defined]
+        channel = x.dim() - weight.dim() + 1  # 1 for a batch, 0 for one example
+        if weight.shape[1] == 0:
+            shape = list(x.shape)
+            shape[channel] = groups
+            x = torch.cat([x, x.new_zeros(shape)], channel)
+            weight = torch.cat(
+                [weight, weight.new_zeros((weight.shape[0], 1, *weight.shape[2:]))], 1
+            )
+        if weight.shape[0] == 0:
+            weight = torch.cat([weight, weight.new_zeros((groups, *weight.shape[1:]))])
+            return self._conv_forward(x, weight, None).narrow(channel, 0, 0)  # type: ignore[attr-defined]
         return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
 
     def _fusable(self, x: Tensor) -> bool:

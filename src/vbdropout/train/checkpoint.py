@@ -91,18 +91,39 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + fsync + rename."""
+    """Write ``data`` to ``path`` via a temp file + fsync + rename.
+
+    A failed write (disk full, quota, I/O error) raises an ``OSError`` naming ``path``
+    and saying that its previous content is kept.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise _write_error(path, err) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 → the usual file permissions
         with os.fdopen(fd, "wb") as f:
             _write_synced(f, path.name, data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _write_error(path, err) from None
         raise
     _sync_dir(path.parent)
+
+
+def _write_error(path: Path, err: OSError) -> OSError:
+    """``err`` as an error naming the file and what became of it."""
+    kept = (
+        f"the previous {path.name} is kept unchanged"
+        if path.exists()
+        else f"{path.name} was not written"
+    )
+    error = OSError(f"cannot write {path}: {err.strerror or err}; {kept}")
+    error.errno = err.errno
+    return error
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
@@ -164,7 +185,8 @@ def load_checkpoint(
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
+        what = "a symbolic link that leads to no file (a loop?)" if path.is_symlink() else ""
+        raise CheckpointError(f"no checkpoint at {path}" + (f": it is {what}" if what else ""))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "resolve_config", "to_toml"]
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "check_types",
+    "load_config",
+    "resolve_config",
+    "to_toml",
+]
 
 
 class ConfigError(ValueError):
@@ -62,9 +72,11 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         _check(not unknown, f"unknown config keys {unknown}; known: {sorted(known)}")
-        if isinstance(data.get("kl_warmup"), list):
-            data["kl_warmup"] = tuple(data["kl_warmup"])
-        return cls(**data)
+        config = cls(**data)
+        check_types(config)
+        if isinstance(config.kl_warmup, list):
+            config.kl_warmup = tuple(config.kl_warmup)
+        return config
 
 
 _RENAMED = {"threshold": "log_alpha_threshold"}  # old name -> new name (0.1.0 runs)
@@ -84,8 +96,64 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _describe(hint: Any) -> str:
+    """A type annotation of :class:`TrainConfig` in words."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args) + " (or left out)"
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {len(args)} {_describe(args[0]).split(' ', 1)[1]}s"
+    words = {bool: "a boolean (true/false)", int: "an integer", float: "a number"}
+    return words.get(hint) or {str: "a string", dict: "a table"}.get(
+        typing.get_origin(hint) or hint, str(hint)
+    )
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the type annotation ``hint`` (TOML values: lists for tuples)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if origin is tuple:
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) == len(args)
+            and all(_has_type(v, a) for v, a in zip(value, args, strict=True))
+        )
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return _is_int(value)
+    return isinstance(value, hint)
+
+
+def check_types(config: TrainConfig) -> None:
+    """Raise a :class:`ConfigError` naming the first field whose value has the wrong type.
+
+    The one place where every field's type is checked (from its annotation); the
+    ranges are checked by :func:`resolve_config`.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(config, f.name)
+        _check(
+            _has_type(value, hints[f.name]),
+            f"{f.name} must be {_describe(hints[f.name])}, got {value!r}",
+        )
+    for key, value in config.network.items():
+        _check(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            f"network option {key} must be a number, got {value!r}",
+        )
+
+
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """Validate ``config`` and fill the protocol defaults; returns a new config."""
+    check_types(config)
     _check(config.model in MODELS, f"unknown model {config.model!r}; known: {', '.join(MODELS)}")
     _check(
         config.method in METHODS, f"unknown method {config.method!r}; known: {', '.join(METHODS)}"
@@ -110,6 +178,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         lr=protocol.lr if config.lr is None else config.lr,
         kl_warmup=tuple(config.kl_warmup or protocol.kl_warmup),
         network=dict(config.network),
+        data_dir=os.path.abspath(os.path.expanduser(config.data_dir)) if config.data_dir else None,
     )
     if config.kl_warmup is None and config.epochs is not None:
         # keep the protocol's proportions (rounded up) when the number of epochs changes

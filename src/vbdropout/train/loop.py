@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..data import iterate_batches
 from ..losses import ElboTerms, elbo_terms
 from ..nn.base import mc_sampling
+from ..nn.gaussian import GaussianWeight
 
 __all__ = ["DivergenceError", "evaluate", "make_adam", "train_epoch"]
 
@@ -83,7 +84,8 @@ def _checked_step(
 
     The loss and KL are checked before the backward pass and every gradient before
     the step, so a NaN/inf never reaches the parameters through an update; the
-    parameters are checked after it (a finite update can still overflow them).
+    parameters, and the variances σ² of the Gaussian layers they imply, are checked
+    after it (a finite update can still overflow them).
     Returns the loss and KL as floats.
     """
     loss, kl = terms.loss.item(), terms.kl.item()
@@ -104,6 +106,16 @@ def _checked_step(
         raise DivergenceError(
             f"{where}: parameter {bad} became NaN/inf in the update (learning rate too large?)"
         )
+    gaussian = [(name, m) for name, m in model.named_modules() if isinstance(m, GaussianWeight)]
+    if gaussian:  # finite parameters can still imply σ² = exp(log σ²) = inf
+        overflows = torch.stack([m.sigma2_overflows() for _, m in gaussian])
+        if bool(overflows.any()):  # one sync
+            flags = overflows.tolist()
+            bad = next(name for (name, _), flag in zip(gaussian, flags, strict=True) if flag)
+            raise DivergenceError(
+                f"{where}: the update made {bad}.sigma2 = exp(log σ²) overflow to inf "
+                f"(learning rate too large?)"
+            )
     return loss, kl
 
 
@@ -169,6 +181,8 @@ def evaluate(
     With ``mc_samples = K > 0``, also of the predictive distribution averaged
     over K sampled forward passes (``mc_error``, ``mc_nll``).
     """
+    if not (isinstance(mc_samples, int) and mc_samples >= 0):
+        raise ValueError(f"mc_samples must be an integer >= 0, got {mc_samples!r}")
     model.eval()
     probs, mc_probs = [], []
     for xb, _ in iterate_batches(x, y, batch_size, shuffle=False):

@@ -1,0 +1,104 @@
+"""Seed statistics for the reproduced tables: mean ± sd, 95% intervals, Welch's comparison.
+
+With n seeds of a cell, the 95% interval of its mean is m ± t(0.975, n − 1)·s/√n
+(s the sample standard deviation). Two cells are compared by the difference of their
+means with Welch's interval: d ± t(0.975, ν)·√(s₁²/n₁ + s₂²/n₂), with the
+Welch–Satterthwaite degrees of freedom ν = (s₁²/n₁ + s₂²/n₂)² /
+((s₁²/n₁)²/(n₁ − 1) + (s₂²/n₂)²/(n₂ − 1)).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["Interval", "mean_interval", "t_quantile_975", "welch_interval"]
+
+
+def _incomplete_beta(x: float, a: float, b: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction
+    (modified Lentz), using the symmetry I_x(a, b) = 1 − I_{1−x}(b, a) where it converges
+    faster."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _incomplete_beta(1.0 - x, b, a)
+    log_front = (
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+        + a * math.log(x) + b * math.log1p(-x)
+    )  # fmt: skip
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 300):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * fraction / a
+
+
+def _t_upper_tail(t: float, df: float) -> float:
+    """P(T > t) for Student's t with ``df`` degrees of freedom, t ≥ 0."""
+    return 0.5 * _incomplete_beta(df / (df + t * t), df / 2, 0.5)
+
+
+def t_quantile_975(df: float) -> float:
+    """The 97.5% quantile of Student's t with ``df`` > 0 degrees of freedom (any real df,
+    as Welch's is), found by bisection on the tail probability to 1e−10."""
+    if not df > 0:
+        raise ValueError(f"degrees of freedom must be positive, got {df}")
+    low, high = 0.0, 1.0
+    while _t_upper_tail(high, df) > 0.025:
+        high *= 2
+    while high - low > 1e-10:
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if _t_upper_tail(middle, df) > 0.025 else (low, middle)
+    return 0.5 * (low + high)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An estimate with its 95% interval; ``low``/``high`` are ``None`` for one value."""
+
+    estimate: float
+    low: float | None
+    high: float | None
+
+    def contains(self, value: float) -> bool | None:
+        """Whether ``value`` lies in the interval (``None`` when there is none)."""
+        if self.low is None or self.high is None:
+            return None
+        return self.low <= value <= self.high
+
+
+def mean_interval(values: Sequence[float]) -> Interval:
+    """The mean of ``values`` and its 95% t-interval (none for a single value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return Interval(mean, None, None)
+    half = t_quantile_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return Interval(mean, mean - half, mean + half)
+
+
+def welch_interval(a: Sequence[float], b: Sequence[float]) -> Interval:
+    """mean(a) − mean(b) with Welch's 95% interval (none unless both have ≥ 2 values)."""
+    difference = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return Interval(difference, None, None)
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if va + vb == 0:
+        return Interval(difference, difference, difference)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = t_quantile_975(df) * math.sqrt(va + vb)
+    return Interval(difference, difference - half, difference + half)
