@@ -140,6 +140,20 @@ def test_a_non_empty_folder_that_is_no_run_dir_is_refused_unless_force(
     assert main(argv(out, shared_data, "--resume")) == 0  # now one of ours: no --force needed
 
 
+def test_a_run_starting_beside_another_does_not_take_its_marker_for_a_foreign_file(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """Two runs started together on a new directory: one may list it while the other's
+    marker is still a temp file. That directory is ours, not foreign (fresh-ci once saw
+    the loser refused with "not empty" instead of the lock's message)."""
+    out = tmp_path / "fresh"
+    out.mkdir()
+    (out / f".{RUN_MARKER}.x1y2z3.tmp").write_bytes(b"")  # the other run, mid-write
+    (out / ".write-test-abc").write_bytes(b"")  # and its write probe
+    assert main(argv(out, shared_data)) == 0
+    assert (out / RUN_MARKER).is_file()
+
+
 # ---------------------------------------------------------------- 3. broken last step
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import fnmatch
 import io
 import json
 import math
@@ -245,7 +246,7 @@ def _prepare_out(out: Path, force: bool = False) -> None:
         )
     if (out / RUN_MARKER).is_file() or (out / "checkpoint.pt").is_file():
         return  # ours (a checkpoint: a run of an earlier version, or one to be refused)
-    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".write-test-"))
+    foreign = sorted(p.name for p in out.iterdir() if not _in_the_making(p.name))
     if foreign and not force:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ConfigError(
@@ -254,6 +255,13 @@ def _prepare_out(out: Path, force: bool = False) -> None:
             f"and .lock would be replaced)"
         )
     atomic_write_bytes(out / RUN_MARKER, b"vbdropout run directory (written by vbd train)\n")
+
+
+def _in_the_making(name: str) -> bool:
+    """Whether ``name`` is a transient file of a run starting at the same moment in the same
+    directory (its write probe, or its marker before the rename): such a directory is ours
+    (the run lock then decides which of the two runs)."""
+    return name.startswith(".write-test-") or fnmatch.fnmatch(name, f".{RUN_MARKER}.*.tmp")
 
 
 def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
