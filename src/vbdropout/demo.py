@@ -78,7 +78,7 @@ def run_demo(
     """Pretrain, compress with VBD and compare (see the module docstring).
 
     Returns the JSON fields of ``vbd demo --json`` (docs/JSON.md) plus ``report``
-    (the :class:`~vbdropout.compress.CompressionReport`) and ``model`` (the VBD network).
+    (the :class:`~vbdropout.compress.CompressionReport`) and ``model_object`` (the VBD network).
     """
     torch.set_flush_denormal(True)  # as `vbd train` does (see train.trainer.train)
     data = load_dataset("digits")
@@ -128,7 +128,7 @@ def _variational_layers(model: nn.Module) -> list[tuple[str, GaussianWeight]]:
 
 
 def input_pixel_mask(model: nn.Module) -> torch.Tensor:
-    """8×8 boolean mask: the pixels some unkept weight of the first layer still reads."""
+    """8×8 boolean mask: the pixels that some kept weight of the first layer still reads."""
     _, first = _variational_layers(model)[0]
     return first.keep_mask().any(0).reshape(8, 8)
 
