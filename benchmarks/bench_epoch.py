@@ -22,8 +22,8 @@ import torch
 
 from vbdropout import kernels
 from vbdropout.data import iterate_batches, load_dataset
+from vbdropout.io import save_checkpoint
 from vbdropout.models import build_model
-from vbdropout.train.checkpoint import save_checkpoint
 from vbdropout.train.loop import evaluate, make_adam, train_epoch
 
 

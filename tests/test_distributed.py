@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from vbdropout.train.checkpoint import load_checkpoint
+from vbdropout.io import load_checkpoint
 
 
 def cli(out, shared_data, *extra):

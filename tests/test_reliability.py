@@ -44,10 +44,10 @@ from torch import nn
 
 from vbdropout.cli import main
 from vbdropout.data import DataError, load_dataset
+from vbdropout.io import FAULT_ENV, CheckpointError, load_checkpoint
 from vbdropout.nn import LinearVBD
 from vbdropout.priors import LOG_ALPHA_RANGE
 from vbdropout.train import DivergenceError, TrainConfig, train, train_epoch
-from vbdropout.train.checkpoint import FAULT_ENV, CheckpointError, load_checkpoint
 from vbdropout.train.trainer import _alive, _holder_pid, load_run
 
 EPOCHS = 16  # of the runs that are killed, raced and compared
@@ -139,7 +139,7 @@ def metrics_rows(out: Path) -> int:
 # ---------------------------------------------------------------- kills
 
 # (kind, what): "write" SIGKILLs the run from inside the N-th atomic write of a file
-# (half of the temp file written; see vbdropout.train.checkpoint), "startup" kills it
+# (half of the temp file written; see vbdropout.io), "startup" kills it
 # at a random time before half its remaining epochs could have run (at most 1 s
 # after its start), "epoch" at a random time within the epoch after one more
 # finished epoch. The delays follow the measured pace of the uninterrupted

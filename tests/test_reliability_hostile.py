@@ -27,15 +27,15 @@ from data_fakes import flip_byte, snapshot, write_gz, write_mnist
 from fault_runner import ForkServer
 from torch import nn
 
+from vbdropout import io as vbd_io
 from vbdropout import kernels
 from vbdropout.cli import main
 from vbdropout.data import DataError, load_dataset
+from vbdropout.io import CheckpointError, load_checkpoint, save_checkpoint
 from vbdropout.losses import elbo_terms
 from vbdropout.models import METHODS, build_model
 from vbdropout.nn import Conv2dVBD, LinearVBD
 from vbdropout.train import DivergenceError, train_epoch
-from vbdropout.train import checkpoint as checkpoint_module
-from vbdropout.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vbdropout.train.config import ConfigError
 from vbdropout.train.schedules import lr_factor
 from vbdropout.train.trainer import RUN_MARKER, run_lock
@@ -512,7 +512,7 @@ def test_disk_full_names_the_file_and_keeps_the_previous_checkpoint(
     tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
     out = tmp_path / "run"
-    real = checkpoint_module._write_synced
+    real = vbd_io._write_synced
     writes = []
 
     def full_disk(f, name: str, data: bytes) -> None:  # type: ignore[no-untyped-def]
@@ -521,7 +521,7 @@ def test_disk_full_names_the_file_and_keeps_the_previous_checkpoint(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(f, name, data)
 
-    monkeypatch.setattr(checkpoint_module, "_write_synced", full_disk)
+    monkeypatch.setattr(vbd_io, "_write_synced", full_disk)
     assert main(argv(out, shared_data, epochs=2)) == 1
     one_line_error(
         capsys,

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vbdropout.cli import main
+from vbdropout.io import load_checkpoint
 from vbdropout.train import (
     ConfigError,
     RunLockedError,
@@ -19,7 +20,6 @@ from vbdropout.train import (
     resolve_config,
     train,
 )
-from vbdropout.train.checkpoint import load_checkpoint
 from vbdropout.train.config import to_toml
 
 

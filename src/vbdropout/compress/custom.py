@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from ..train.checkpoint import CheckpointError, load_checkpoint
+from ..io import CheckpointError, load_checkpoint
 
 __all__ = ["load_custom_model"]
 

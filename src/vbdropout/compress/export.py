@@ -37,7 +37,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from importlib.util import find_spec
 from pathlib import Path
@@ -47,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..io import atomic_path, atomic_write_bytes, atomic_write_json
 from ..nn.deterministic import InputSelect, to_deterministic
-from ..train.checkpoint import atomic_write_bytes, atomic_write_json
 from .report import compression_report
 from .shrink import fold_scales_with_parts, neurons_per_layer, shrink_with_parts
 
@@ -331,13 +330,8 @@ def _write_onnx(model: nn.Module, example: Tensor, path: Path) -> str | None:
     if find_spec("onnx") is None:
         path.unlink(missing_ok=True)  # never leave a stale file from an earlier export
         return 'not written: pip install "vbdropout[export]" for ONNX'
-    # a fresh file (O_EXCL), never a name someone could have planted as a symlink
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp's 0600 → the usual permissions
-    os.close(fd)
-    tmp = Path(name)
     try:
-        with warnings.catch_warnings():
+        with atomic_path(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,
@@ -349,12 +343,10 @@ def _write_onnx(model: nn.Module, example: Tensor, path: Path) -> str | None:
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             )
     except Exception as err:  # the exporter raises many types for unsupported operators
-        tmp.unlink(missing_ok=True)
         path.unlink(missing_ok=True)  # never leave a stale file from an earlier export
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         warnings.warn(f"shrunk.onnx not written: {first_line}", stacklevel=3)
         return f"not written: {first_line}"
-    os.replace(tmp, path)
     return None
 
 

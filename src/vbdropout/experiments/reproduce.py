@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..io import atomic_write_bytes, atomic_write_json
 from ..models import METHODS
-from ..train.checkpoint import atomic_write_bytes, atomic_write_json
 from ..train.config import TrainConfig
 from .stats import mean_interval, welch_interval
 from .tables import TABLES, Budget, Row, Table

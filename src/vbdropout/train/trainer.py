@@ -43,11 +43,7 @@ except ImportError:  # pragma: no cover - not POSIX
 from .. import __version__, kernels
 from ..compress import compression_report
 from ..data import Dataset, load_dataset
-from ..models import METHODS, build_model
-from ..nn.gaussian import GaussianWeight
-from ..nn.schedule import epoch_end
-from . import distributed
-from .checkpoint import (
+from ..io import (
     CheckpointError,
     atomic_write_bytes,
     atomic_write_json,
@@ -55,6 +51,10 @@ from .checkpoint import (
     remove_stale_temp_files,
     save_checkpoint,
 )
+from ..models import METHODS, build_model
+from ..nn.gaussian import GaussianWeight
+from ..nn.schedule import epoch_end
+from . import distributed
 from .config import (
     ConfigError,
     TrainConfig,

@@ -1,4 +1,7 @@
-"""Atomic files: a crash never leaves a half-written checkpoint or result.
+"""Artifact files: atomic writes and safe loading, shared by training, compression and
+the experiments (so that none of them imports another for it).
+
+A crash never leaves a half-written checkpoint, export or result.
 
 Everything is written to a temporary file ``.<name>.<random>.tmp`` in the same
 directory, flushed to disk, then renamed over the target (``os.replace`` is
@@ -22,7 +25,8 @@ import json
 import os
 import signal
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,6 +35,7 @@ import torch
 __all__ = [
     "FAULT_ENV",
     "CheckpointError",
+    "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
     "load_checkpoint",
@@ -124,6 +129,28 @@ def _write_error(path: Path, err: OSError) -> OSError:
     error = OSError(f"cannot write {path}: {err.strerror or err}; {kept}")
     error.errno = err.errno
     return error
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A fresh temp file beside ``path`` for a writer that needs a file name (the ONNX
+    exporter); renamed over ``path`` when the block succeeds, removed when it fails.
+
+    The temp file is created with ``O_EXCL`` (never a name someone could have planted
+    as a symlink) and gets the usual permissions.
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 → the usual file permissions
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _sync_dir(path.parent)
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
