@@ -32,7 +32,7 @@ from vbdropout.compress.shrink import shrink
 from vbdropout.nn.deterministic import to_deterministic
 from vbdropout.nn.gaussian import GaussianWeight
 from vbdropout.nn.structured import UnitNoise
-from vbdropout.train.trainer import load_run
+from vbdropout.train.runs import load_run
 
 
 def unpruned(model: nn.Module) -> nn.Module:

@@ -18,7 +18,7 @@ from vbdropout.nn.base import VariationalModule
 from vbdropout.nn.structured import StructuredVBD
 from vbdropout.nn.sws import LinearSWS
 from vbdropout.train.config import TrainConfig, resolve_config
-from vbdropout.train.trainer import build_run_model
+from vbdropout.train.runs import build_run_model
 
 # methods whose modules have no regularizer: nothing to push
 NO_REGULARIZER = {"none", "bernoulli", "gaussian", "fast_dropout"}

@@ -48,7 +48,8 @@ from vbdropout.io import FAULT_ENV, CheckpointError, load_checkpoint
 from vbdropout.nn import LinearVBD
 from vbdropout.priors import LOG_ALPHA_RANGE
 from vbdropout.train import DivergenceError, TrainConfig, train, train_epoch
-from vbdropout.train.trainer import _alive, _holder_pid, load_run
+from vbdropout.train.rundir import _alive, _holder_pid
+from vbdropout.train.runs import load_run
 
 EPOCHS = 16  # of the runs that are killed, raced and compared
 SUBSET = 600  # training examples: 6 steps of 100 per epoch

@@ -37,8 +37,8 @@ from vbdropout.models import METHODS, build_model
 from vbdropout.nn import Conv2dVBD, LinearVBD
 from vbdropout.train import DivergenceError, train_epoch
 from vbdropout.train.config import ConfigError
+from vbdropout.train.rundir import RUN_MARKER, run_lock
 from vbdropout.train.schedules import lr_factor
-from vbdropout.train.trainer import RUN_MARKER, run_lock
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -613,7 +613,7 @@ def test_an_unexpected_error_type_is_one_line_unless_debugging(
     def broken(*args: object, **kwargs: object) -> None:
         raise KeyError("boom")
 
-    monkeypatch.setattr("vbdropout.train.trainer.evaluate_run", broken)
+    monkeypatch.setattr("vbdropout.train.runs.evaluate_run", broken)
     monkeypatch.delenv("VBD_DEBUG", raising=False)
     assert main(["eval", "somewhere"]) == 1
     one_line_error(capsys, "vbd eval: error: unexpected KeyError: 'boom'", "VBD_DEBUG=1")

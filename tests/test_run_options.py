@@ -18,7 +18,7 @@ from vbdropout.models import METHODS
 from vbdropout.nn.gaussian import GaussianWeight
 from vbdropout.nn.ssl import GroupLasso
 from vbdropout.nn.structured import StructuredVBD
-from vbdropout.train.trainer import load_run
+from vbdropout.train.runs import load_run
 
 pytest.importorskip("sklearn")  # the digits data set
 

@@ -146,7 +146,7 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from .train.trainer import evaluate_run
+    from .train.runs import evaluate_run
 
     result = evaluate_run(args.run, args.mc_samples, args.data_dir, args.device)
     if not args.json:
@@ -184,7 +184,7 @@ def _shape(text: str) -> tuple[int, ...]:
 def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     from .compress.custom import load_custom_model
     from .compress.export import export_compressed, format_report
-    from .train.trainer import load_run
+    from .train.runs import load_run
 
     if args.factory:
         if args.input_shape is None:

@@ -42,7 +42,7 @@ def _learning_curves(cells: list[dict[str, Any]], path: Path, title: str) -> Non
 
 def _log_alpha_histograms(cell: dict[str, Any], path: Path) -> bool:
     from ..nn.gaussian import GaussianWeight
-    from ..train.trainer import load_run
+    from ..train.runs import load_run
 
     model, _, _ = load_run(cell["run_dir"])
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, GaussianWeight)]

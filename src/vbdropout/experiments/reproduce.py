@@ -87,7 +87,8 @@ def _run_cell(
     progress: bool,
 ) -> dict[str, Any]:
     from ..compress.shrink import neurons_per_layer, shrink
-    from ..train.trainer import load_run, train
+    from ..train.runs import load_run
+    from ..train.trainer import train
 
     b = table.budgets[budget]
     config = cell_config(row, table, budget, seed, base, device, data_dir)
@@ -133,7 +134,7 @@ def _reevaluate(
     from ..compress import compression_report
     from ..nn.gaussian import GaussianWeight
     from ..train.loop import evaluate
-    from ..train.trainer import load_run
+    from ..train.runs import load_run
 
     summary = json.loads((run_dir / "summary.json").read_text())
     model, data, _ = load_run(run_dir, data_dir)

@@ -2,7 +2,8 @@
 
 from .config import ConfigError, TrainConfig, load_config, resolve_config
 from .loop import DivergenceError, evaluate, train_epoch
-from .trainer import RunLockedError, train
+from .rundir import RunLockedError
+from .trainer import train
 
 __all__ = [
     "ConfigError",

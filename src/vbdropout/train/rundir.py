@@ -1,0 +1,217 @@
+"""A run directory: its lock, its marker, its metrics files and TensorBoard.
+
+``vbd train`` writes into one directory (:func:`prepare_out` creates or accepts it and
+marks it with :data:`RUN_MARKER`); only one process trains into it at a time
+(:func:`run_lock`). Every file is written atomically (:mod:`vbdropout.io`).
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import io
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+from ..io import atomic_write_bytes
+from .config import ConfigError
+
+__all__ = [
+    "RUN_FILES",
+    "RUN_MARKER",
+    "RunLockedError",
+    "log_scalars",
+    "prepare_out",
+    "run_lock",
+    "tensorboard",
+    "write_metrics",
+]
+
+# The files of a run directory, all written with atomic_write_bytes.
+RUN_FILES = ("checkpoint.pt", "config.toml", "metrics.jsonl", "metrics.csv", "summary.json")
+# Written first into every run directory: it marks the directory as one of ours.
+RUN_MARKER = ".vbdropout-run"
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is training into the same run directory."""
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` for the run: refuse if another live process holds it.
+
+    The lock is an exclusive ``flock`` on ``out/.lock`` (released by the kernel
+    even when the holder is SIGKILLed), and the file names the holder's pid. A
+    file naming a live pid whose holder has no flock (a writer without flock
+    support) also refuses; a file left by a dead process is taken over.
+    """
+    lock = out / ".lock"
+    while True:
+        try:  # O_NOFOLLOW: a planted symlink must not make us truncate its target
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            raise ConfigError(f"cannot open the run lock {lock}: {_why(err, lock)}") from None
+        try:
+            held = _try_flock(fd)
+            if held and not _same_file(fd, lock):
+                os.close(fd)  # its previous holder unlinked it after we opened it: retry
+                continue
+            pid = _read_pid(fd) if held else _holder_pid(fd)
+            if not held or (pid and _alive(pid)):
+                raise RunLockedError(
+                    f"{out} is in use by another training process (pid {pid or 'unknown'}); "
+                    f"wait for it or choose another --out (if no such process is running, "
+                    f"delete {lock})"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        break
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _try_flock(fd: int) -> bool:
+    """Take an exclusive non-blocking flock on ``fd``; False if someone else holds one."""
+    if fcntl is None:  # pragma: no cover - platforms without flock: pid check only
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _read_pid(fd: int) -> int:
+    """The pid written in the lock file (0 when empty or unreadable)."""
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return 0
+
+
+def _holder_pid(fd: int, patience: float = 1.0) -> int:
+    """The pid of a lock's live holder, which writes it just after taking the flock:
+    wait up to ``patience`` seconds for it to appear (0 if it never does)."""
+    deadline = time.monotonic() + patience
+    while not (pid := _read_pid(fd)) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return pid
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs. A zombie — dead, not yet reaped, which happens to
+    the workers of a killed multi-process run until init collects them — does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (not Linux), or it just exited
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # the state follows "(comm)"
+
+
+def _why(err: OSError, path: Path) -> str:
+    """``err``'s reason in words; a symlink (loop) where a file belongs is named as such."""
+    if path.is_symlink():
+        return "it is a symbolic link (refused: writing through it would change another file)"
+    return err.strerror or str(err)
+
+
+def prepare_out(out: Path, force: bool = False) -> None:
+    """Create (or accept) the run directory ``out``, check that it is writable and mark it.
+
+    Refused: a directory holding files that is not one of our run directories (no
+    :data:`RUN_MARKER`, no checkpoint), unless ``force``; and one whose lock or run
+    files are symbolic links (we would write or read through them).
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".write-test-"):
+            pass  # a unique name: concurrent runs must not trip over each other's probe
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write to output directory {out}: {err.strerror or err}"
+        ) from None
+    links = [out / name for name in (".lock", RUN_MARKER, *RUN_FILES) if (out / name).is_symlink()]
+    if links:
+        raise ConfigError(
+            f"{links[0]} is a symbolic link; a run directory's files must be its own "
+            f"(remove the link or choose another --out)"
+        )
+    if (out / RUN_MARKER).is_file() or (out / "checkpoint.pt").is_file():
+        return  # ours (a checkpoint: a run of an earlier version, or one to be refused)
+    foreign = sorted(p.name for p in out.iterdir() if not _in_the_making(p.name))
+    if foreign and not force:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ConfigError(
+            f"{out} is not empty ({shown}) and is not a vbd run directory; choose an empty "
+            f"or new --out, or pass --force to train into it (its {', '.join(RUN_FILES)} "
+            f"and .lock would be replaced)"
+        )
+    atomic_write_bytes(out / RUN_MARKER, b"vbdropout run directory (written by vbd train)\n")
+
+
+def _in_the_making(name: str) -> bool:
+    """Whether ``name`` is a transient file of a run starting at the same moment in the same
+    directory (its write probe, or its marker before the rename): such a directory is ours
+    (the run lock then decides which of the two runs)."""
+    return name.startswith(".write-test-") or fnmatch.fnmatch(name, f".{RUN_MARKER}.*.tmp")
+
+
+def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
+    """Write the rows of ``history`` (one per epoch) as ``metrics.jsonl`` and ``metrics.csv``."""
+    lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
+    atomic_write_bytes(out / "metrics.jsonl", lines.encode())
+    text = io.StringIO()
+    if history:
+        writer = csv.DictWriter(text, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    atomic_write_bytes(out / "metrics.csv", text.getvalue().encode())
+
+
+def tensorboard(out: Path) -> Any:
+    """A TensorBoard writer into ``out/tensorboard`` when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def log_scalars(board: Any, row: dict[str, Any], step: int) -> None:
+    """Add the numbers of ``row`` (but its ``epoch``) to the TensorBoard ``board`` at ``step``."""
+    for key, value in row.items():
+        if key != "epoch" and isinstance(value, (int, float)):
+            board.add_scalar(key, value, step)
+    board.flush()

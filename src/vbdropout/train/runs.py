@@ -1,0 +1,106 @@
+"""A run as a model: the network of a config, and the trained network, dataset and test
+scores of a run directory or checkpoint (``vbd eval``, ``vbd compress``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import Dataset, load_dataset
+from ..io import CheckpointError, load_checkpoint
+from ..models import METHODS, build_model
+from .config import ConfigError, TrainConfig, check_types
+from .loop import evaluate
+from .state import RUN_KEYS, checkpoint_file, load_model_state, saved_config
+
+__all__ = ["build_run_model", "evaluate_run", "load_run", "resolve_device"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device that ``--device`` ``name`` (auto, cpu, cuda) stands for here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_run_model(config: TrainConfig, data: Dataset) -> nn.Module:
+    """The network of a (resolved) config, for training or for loading a checkpoint.
+
+    The method gets the run settings it declares in its ``run_options``
+    (:data:`~vbdropout.models.methods.RUN_OPTIONS`): the pruning thresholds,
+    ``train_clip`` and ``dataset_size`` (the training set's size).
+    """
+    run_values = {
+        "log_alpha_threshold": config.log_alpha_threshold,
+        "unit_threshold": config.unit_threshold,
+        "train_clip": config.train_clip,
+        "dataset_size": data.train_x.shape[0],
+    }
+    method = METHODS[config.method]
+    return build_model(
+        config.model,
+        config.method,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        method_options={k: run_values[k] for k in method.run_options},
+        **config.network,
+    )
+
+
+def load_run(
+    path: str | os.PathLike[str], data_dir: str | None = None
+) -> tuple[nn.Module, Dataset, TrainConfig]:
+    """The trained model of a run directory or checkpoint, with its dataset and config."""
+    state = load_checkpoint(path, required=RUN_KEYS)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in saved_config(state, path).items() if k in fields})
+    try:
+        check_types(config)
+    except ConfigError as err:
+        raise CheckpointError(f"{checkpoint_file(path)}: its config is malformed: {err}") from None
+    if data_dir is not None:
+        config.data_dir = data_dir
+    data = load_dataset(
+        config.dataset,
+        config.data_dir,
+        train_subset=config.train_subset,
+        input_scaling=config.input_scaling,
+    )
+    model = build_run_model(config, data)
+    load_model_state(model, state["model"], checkpoint_file(path))
+    return model.eval(), data, config
+
+
+def evaluate_run(
+    path: str | os.PathLike[str],
+    mc_samples: int = 0,
+    data_dir: str | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Deterministic (and MC-averaged) test error, NLL and ECE of a trained run.
+
+    The keys are those of every command's JSON (docs/JSON.md): ``test_error``,
+    ``test_nll``, ``test_ece`` and, with ``mc_samples``, ``mc_test_error``,
+    ``mc_test_nll``, ``mc_test_ece``.
+    """
+    model, data, config = load_run(path, data_dir)
+    target = resolve_device(device)
+    result = evaluate(
+        model.to(target), data.test_x.to(target), data.test_y.to(target), mc_samples=mc_samples
+    )
+    scores = {
+        (f"mc_test_{k[3:]}" if k.startswith("mc_") else f"test_{k}"): v for k, v in result.items()
+    }
+    return {
+        "model": config.model,
+        "method": config.method,
+        "dataset": config.dataset,
+        "mc_samples": mc_samples,
+        **scores,
+    }
