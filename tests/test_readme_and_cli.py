@@ -109,3 +109,18 @@ def test_train_help_groups_options_states_defaults_and_lists_methods(capsys):
     for name, cls in METHODS.items():
         summary = cls.__doc__.strip().splitlines()[0]
         assert f"{name:<21} {summary}" in text and f"{name:<21} {summary}" in top
+
+
+def test_every_train_config_field_but_network_is_a_train_flag():
+    """``vbd train`` takes its config fields from the dataclass: a field added to TrainConfig
+    without a flag of its name (or a flag renamed away from its field) fails here."""
+    import dataclasses
+
+    from vbdropout.cli import _train_fields, build_parser
+    from vbdropout.train import TrainConfig
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    dests = {action.dest for action in train._actions}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert _train_fields() == fields - {"network"}
+    assert _train_fields() <= dests, sorted(_train_fields() - dests)

@@ -117,7 +117,8 @@ def _cmd_download(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     from .train import TrainConfig, load_config, train
 
-    given = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS and v is not None}
+    fields = _train_fields()
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     saved = Path(args.out) / "config.toml" if args.out else None
     if args.config:
         config = dataclasses.replace(load_config(args.config), **given)
@@ -231,27 +232,12 @@ def _cmd_reproduce(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-_TRAIN_FIELDS = {
-    "model",
-    "method",
-    "dataset",
-    "out",
-    "epochs",
-    "batch_size",
-    "lr",
-    "lr_decay_start",
-    "kl_warmup",
-    "seed",
-    "device",
-    "data_dir",
-    "train_subset",
-    "log_alpha_threshold",
-    "unit_threshold",
-    "train_clip",
-    "input_scaling",
-    "init",
-    "nproc",
-}
+def _train_fields() -> set[str]:
+    """The :class:`~vbdropout.train.TrainConfig` fields that ``vbd train`` sets from the flag of
+    the same name: all of them but ``network``, which ``--width`` and ``--scale`` fill."""
+    from .train import TrainConfig
+
+    return {f.name for f in dataclasses.fields(TrainConfig)} - {"network"}
 
 
 def _method_list(methods: dict[str, Any]) -> str:
@@ -388,6 +374,10 @@ def _add_train_parser(sub: Any) -> None:
     )
     train.set_defaults(run_command=_cmd_train)
 
+
+def _add_download_parser(sub: Any) -> None:
+    from .data import DATASETS
+
     download = sub.add_parser(
         "download",
         help="download and check a dataset (md5-checked, atomic)",
@@ -400,6 +390,8 @@ def _add_train_parser(sub: Any) -> None:
     download.add_argument("--json", action="store_true", help="print one JSON object as last line")
     download.set_defaults(run_command=_cmd_download)
 
+
+def _add_eval_parser(sub: Any) -> None:
     evaluate = sub.add_parser(
         "eval",
         help="test error, NLL and calibration of a trained run",
@@ -414,6 +406,8 @@ def _add_train_parser(sub: Any) -> None:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object as last line")
     evaluate.set_defaults(run_command=_cmd_eval)
 
+
+def _add_compress_parser(sub: Any) -> None:
     compress = sub.add_parser(
         "compress",
         help="export a trained run as smaller models (shrunk, sparse, ONNX) with a report",
@@ -441,6 +435,8 @@ def _add_train_parser(sub: Any) -> None:
     compress.add_argument("--json", action="store_true", help="print one JSON object as last line")
     compress.set_defaults(run_command=_cmd_compress)
 
+
+def _add_reproduce_parser(sub: Any) -> None:
     repro = sub.add_parser(
         "reproduce",
         help="rerun one of the paper's tables side by side with its published numbers",
@@ -497,7 +493,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _add_demo_parser,
+        _add_train_parser,
+        _add_download_parser,
+        _add_eval_parser,
+        _add_compress_parser,
+        _add_reproduce_parser,
+    ):
+        add(sub)
+    return parser
 
+
+def _add_demo_parser(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
         help="train, then compress with VBD, on the bundled 8×8 digits (no download, ~10 s)",
@@ -537,8 +545,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON object as the last line (default: off)"
     )
     demo.set_defaults(run_command=_cmd_demo)
-    _add_train_parser(sub)
-    return parser
 
 
 # What the commands raise for bad input, bad files and failed runs: one line each.
