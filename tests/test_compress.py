@@ -215,3 +215,31 @@ def test_shrink_terminates_when_a_layer_has_no_weight_left():
     small = shrink(model)
     x = torch.randn(5, 1, 6)
     assert torch.allclose(small(x), model(x), atol=1e-6)
+
+
+def test_a_registered_exporter_writes_its_file_and_is_reported(tmp_path, monkeypatch):
+    """A new export format is one function plus its registration: it gets the shrunk model,
+    its file is listed in the report with its size, and a skipped one says why."""
+    from vbdropout.compress import export
+
+    monkeypatch.setattr(export, "EXPORTERS", dict(export.EXPORTERS))  # undone after the test
+    seen = []
+
+    @export.exporter("shrunk.txt")
+    def write_text(compressed: export.Compressed, path):
+        seen.append(compressed.small(compressed.example).shape)
+        path.write_text(repr(compressed.small))
+
+    @export.exporter("never.bin", skippable="never")
+    def skip(compressed: export.Compressed, path):
+        return "not written: this format is never written"
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    report = export_compressed(net, tmp_path, (1, 4, 4))
+    assert seen == [(2, 3)]
+    assert report["files"]["shrunk.txt"] == (tmp_path / "shrunk.txt").stat().st_size > 0
+    assert "never.bin" not in report["files"] and not (tmp_path / "never.bin").exists()
+    assert report["never"] == "not written: this format is never written"
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| shrunk.txt |" in markdown and "- never.bin: not written" in markdown
+    assert json.loads((tmp_path / "report.json").read_text())["files"] == report["files"]

@@ -28,6 +28,9 @@ the weights of plain Linear and zero-padded, ungrouped Conv2d layers are CSR
 all other state (other layers, normalization statistics) is stored dense under
 its own key. Before anything is written, the shrunk model is checked to give
 the masked model's outputs on a random input.
+
+Each file is written by one function registered with :func:`exporter` (in
+:data:`EXPORTERS`): a new format is one more such function.
 """
 
 from __future__ import annotations
@@ -35,265 +38,133 @@ from __future__ import annotations
 import copy
 import io
 import json
-import math
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..io import atomic_path, atomic_write_bytes, atomic_write_json
-from ..nn.deterministic import InputSelect, to_deterministic
+from .architecture import architecture_metadata, load_shrunk, safetensors_module
 from .report import compression_report
 from .shrink import fold_scales_with_parts, neurons_per_layer, shrink_with_parts
+from .sparse import csr_layers, load_sparse, sparse_tensors
 
-__all__ = ["export_compressed", "load_shrunk", "load_sparse", "macs"]
+__all__ = [
+    "EXPORTERS",
+    "Compressed",
+    "export_compressed",
+    "exporter",
+    "format_report",
+    "load_shrunk",
+    "load_sparse",
+    "macs",
+]
 
 
-def _spec(network: nn.Sequential) -> list[dict[str, Any]]:
-    """A JSON description of a plain sequential network, enough to rebuild it."""
-    spec: list[dict[str, Any]] = []
-    for m in network:
-        if isinstance(m, nn.Linear):
-            spec.append(
-                {
-                    "type": "linear",
-                    "in": m.in_features,
-                    "out": m.out_features,
-                    "bias": m.bias is not None,
-                }
+@dataclass(frozen=True)
+class Compressed:
+    """A model ready to be written: its masked form and the two forms that are exported."""
+
+    model: nn.Module  # the masked model (a CPU copy in eval mode)
+    dense: nn.Module  # its noise scales folded into the weights; pruned weights are zeros
+    dense_parts: list[str]  # the names of its plain Sequential parts ([""]: the whole model)
+    small: nn.Module  # pruned units and channels removed
+    small_parts: list[str]
+    input_shape: tuple[int, ...]  # one example's shape
+
+    @property
+    def example(self) -> Tensor:
+        """A batch of two zero inputs, for tracing."""
+        return torch.zeros(2, *self.input_shape)
+
+
+# Writes one export file to the given path; returns None, or why it was not written.
+Writer = Callable[[Compressed, Path], str | None]
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """How one export file is written. ``skippable``: the report key that says why the
+    file was not written, for a format that may be skipped (its writer returns the reason)."""
+
+    write: Writer
+    skippable: str | None = None
+
+
+# The export files by name, in the order they are written and listed in the report.
+EXPORTERS: dict[str, Exporter] = {}
+
+
+def exporter(name: str, skippable: str | None = None) -> Callable[[Writer], Writer]:
+    """Register the decorated function as the writer of the export file ``name``."""
+
+    def register(write: Writer) -> Writer:
+        EXPORTERS[name] = Exporter(write, skippable)
+        return write
+
+    return register
+
+
+@exporter("shrunk.pt")
+def _write_program(c: Compressed, path: Path) -> None:
+    """The shrunk network as a ``torch.export`` program with a dynamic batch size."""
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(c.small, (c.example,), dynamic_shapes=({0: batch},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+@exporter("shrunk.safetensors")
+def _write_shrunk(c: Compressed, path: Path) -> None:
+    """The shrunk network's weights, with its architecture in the metadata."""
+    tensors = {k: v.contiguous() for k, v in c.small.state_dict().items()}
+    _write_safetensors(path, tensors, architecture_metadata(c.small, c.small_parts))
+
+
+@exporter("sparse.safetensors")
+def _write_sparse(c: Compressed, path: Path) -> None:
+    """The unshrunk pruned weights in CSR form (see :mod:`.sparse`)."""
+    layers = csr_layers(c.dense)
+    metadata = architecture_metadata(c.dense, c.dense_parts)
+    metadata["csr_layers"] = json.dumps(layers)
+    _write_safetensors(path, sparse_tensors(c.dense, layers), metadata)
+
+
+def _write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    atomic_write_bytes(path, safetensors_module().save(tensors, metadata=metadata))
+
+
+@exporter("shrunk.onnx", skippable="onnx")
+def _write_onnx(c: Compressed, path: Path) -> str | None:
+    """The shrunk network as ONNX; returns why not when onnx is missing or cannot express it."""
+    if find_spec("onnx") is None:
+        path.unlink(missing_ok=True)  # never leave a stale file from an earlier export
+        return 'not written: pip install "vbdropout[export]" for ONNX'
+    try:
+        with atomic_path(path) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                c.small,
+                (c.example,),
+                str(tmp),
+                dynamo=False,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             )
-        elif isinstance(m, nn.Conv2d):
-            spec.append(
-                {
-                    "type": "conv2d",
-                    "in": m.in_channels,
-                    "out": m.out_channels,
-                    "kernel_size": list(m.kernel_size),
-                    "stride": list(m.stride),
-                    "padding": list(m.padding),
-                    "dilation": list(m.dilation),
-                    "bias": m.bias is not None,
-                }
-            )
-        elif isinstance(m, nn.MaxPool2d):
-            spec.append(
-                {
-                    "type": "maxpool2d",
-                    **{k: getattr(m, k) for k in ("kernel_size", "stride", "padding", "dilation")},
-                    "ceil_mode": m.ceil_mode,
-                }
-            )
-        elif isinstance(m, nn.AdaptiveAvgPool2d):
-            spec.append({"type": "adaptive_avgpool2d", "output_size": m.output_size})
-        elif isinstance(m, nn.ReLU):
-            spec.append({"type": "relu"})
-        elif isinstance(m, nn.Flatten):
-            spec.append({"type": "flatten"})
-        elif isinstance(m, InputSelect):
-            spec.append({"type": "input_select", "in": m.in_features, "kept": m.index.numel()})
-        else:
-            raise ValueError(f"cannot export layer {type(m).__name__}")
-    return spec
-
-
-def _build(spec: list[dict[str, Any]]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for s in spec:
-        kind = s["type"]
-        if kind == "linear":
-            layers.append(nn.Linear(s["in"], s["out"], s["bias"]))
-        elif kind == "conv2d":
-            geometry = {k: tuple(s[k]) for k in ("stride", "padding", "dilation")}
-            conv = nn.Conv2d(s["in"], s["out"], tuple(s["kernel_size"]), bias=s["bias"], **geometry)
-            layers.append(conv)
-        elif kind == "maxpool2d":
-            geometry = {k: s.get(k, d) for k, d in (("padding", 0), ("dilation", 1))}
-            pool = nn.MaxPool2d(
-                s["kernel_size"], s["stride"], ceil_mode=s.get("ceil_mode", False), **geometry
-            )
-            layers.append(pool)
-        elif kind == "adaptive_avgpool2d":
-            size = s["output_size"]
-            layers.append(nn.AdaptiveAvgPool2d(tuple(size) if isinstance(size, list) else size))
-        elif kind == "relu":
-            layers.append(nn.ReLU())
-        elif kind == "flatten":
-            layers.append(nn.Flatten())
-        elif kind == "input_select":
-            layers.append(InputSelect(torch.zeros(s["kept"], dtype=torch.long), s["in"]))
-        else:
-            raise ValueError(f"unknown layer type {kind!r} in the exported architecture")
-    return nn.Sequential(*layers)
-
-
-def _safetensors() -> Any:
-    if find_spec("safetensors") is None:
-        raise ImportError('exporting needs safetensors: pip install "vbdropout[export]"')
-    import safetensors.torch
-
-    return safetensors.torch
-
-
-def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors of an exported safetensors file and its metadata."""
-    tensors = _safetensors().load_file(str(path))
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return tensors, f.metadata() or {}
-
-
-def _architecture_metadata(model: nn.Module, parts: list[str]) -> dict[str, str]:
-    if parts == [""]:  # the whole model is one plain Sequential
-        return {"architecture": json.dumps(_spec(model))}
-    specs = {name: _spec(model.get_submodule(name)) for name in parts}
-    return {"parts": json.dumps(specs), "model_class": type(model).__qualname__}
-
-
-def _skeleton(
-    path: str | os.PathLike[str], metadata: dict[str, str], like: nn.Module | None
-) -> nn.Module:
-    """The exported model's module tree, without its trained values."""
-    if "architecture" in metadata:
-        return _build(json.loads(metadata["architecture"]))
-    if "parts" not in metadata:
-        raise ValueError(f"{path} holds no architecture: was it written by vbd compress?")
-    if like is None:
-        raise ValueError(
-            f"{path} was exported from a custom model ({metadata.get('model_class', '?')}): "
-            "pass like=<an instance of that model> to rebuild it"
-        )
-    skeleton = to_deterministic(like)
-    for name, spec in json.loads(metadata["parts"]).items():
-        _set_submodule(skeleton, name, _build(spec))
-    return skeleton
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def load_shrunk(path: str | os.PathLike[str], like: nn.Module | None = None) -> nn.Module:
-    """Rebuild the plain shrunk model from ``shrunk.safetensors``.
-
-    like: for a model exported from custom code, an instance of that model.
-    """
-    tensors, metadata = _read(path)
-    network = _skeleton(path, metadata, like)
-    network.load_state_dict(tensors)
-    return network.eval()
-
-
-class SparseLinear(nn.Module):
-    """y = W x + b with W stored as a CSR tensor."""
-
-    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
-        super().__init__()
-        self.weight, self.bias = weight, bias
-
-    def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        y = torch.sparse.mm(self.weight, flat.t()).t()
-        y = y.reshape(*x.shape[:-1], y.shape[-1])
-        return y if self.bias is None else y + self.bias
-
-
-class SparseConv2d(nn.Module):
-    """A convolution as a CSR matrix product over unfolded input patches."""
-
-    def __init__(self, weight: Tensor, bias: Tensor | None, spec: dict[str, Any]) -> None:
-        super().__init__()
-        self.weight, self.bias, self.spec = weight, bias, spec
-
-    def forward(self, x: Tensor) -> Tensor:
-        s = self.spec
-        k, stride, pad, dil = s["kernel_size"], s["stride"], s["padding"], s["dilation"]
-        patches = F.unfold(x, k, dilation=dil, padding=pad, stride=stride)  # (N, C·k·k, L)
-        n, ckk, length = patches.shape
-        y = torch.sparse.mm(self.weight, patches.transpose(0, 1).reshape(ckk, n * length))
-        y = y.reshape(s["out"], n, length).transpose(0, 1)
-        if self.bias is not None:
-            y = y + self.bias.view(1, -1, 1)
-        h = (x.shape[2] + 2 * pad[0] - dil[0] * (k[0] - 1) - 1) // stride[0] + 1
-        w = (x.shape[3] + 2 * pad[1] - dil[1] * (k[1] - 1) - 1) // stride[1] + 1
-        return y.reshape(n, s["out"], h, w)
-
-
-def _csr_layers(network: nn.Module) -> list[str]:
-    """Names of the layers stored as CSR: plain Linear and zero-padded, ungrouped Conv2d."""
-    return [
-        name
-        for name, m in network.named_modules()
-        if type(m) is nn.Linear
-        or (
-            type(m) is nn.Conv2d
-            and m.groups == 1
-            and not isinstance(m.padding, str)
-            and m.padding_mode == "zeros"
-        )
-    ]
-
-
-def _sparse_tensors(network: nn.Module, csr_layers: list[str]) -> dict[str, Tensor]:
-    """``<layer>.weight.{crow_indices,col_indices,values}`` per CSR layer; all other state as is."""
-    tensors: dict[str, Tensor] = {}
-    for name in csr_layers:
-        weight = network.get_submodule(name).weight.detach()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            csr = weight.reshape(weight.shape[0], -1).to_sparse_csr()
-        key = f"{name}.weight" if name else "weight"
-        tensors[f"{key}.crow_indices"] = csr.crow_indices().to(torch.int32).contiguous()
-        tensors[f"{key}.col_indices"] = csr.col_indices().to(torch.int32).contiguous()
-        tensors[f"{key}.values"] = csr.values().contiguous()
-    dense_weights = {f"{name}.weight" if name else "weight" for name in csr_layers}
-    for key, value in network.state_dict().items():
-        if key not in dense_weights:
-            tensors[key] = value.detach().contiguous()
-    return tensors
-
-
-def load_sparse(path: str | os.PathLike[str], like: nn.Module | None = None) -> nn.Module:
-    """A network running sparse (CSR) inference from ``sparse.safetensors``.
-
-    like: for a model exported from custom code, an instance of that model.
-    """
-    tensors, metadata = _read(path)
-    network = _skeleton(path, metadata, like)
-    for name in json.loads(metadata.get("csr_layers", "[]")):
-        module = network.get_submodule(name)
-        if type(module) not in (nn.Linear, nn.Conv2d):
-            raise ValueError(
-                f"{path}: layer {name!r} is stored as CSR but the model has a "
-                f"{type(module).__name__} there"
-            )
-        key = f"{name}.weight" if name else "weight"
-        s = _spec(nn.Sequential(module))[0]
-        cols = s["in"] * (math.prod(s["kernel_size"]) if s["type"] == "conv2d" else 1)
-        weight = torch.sparse_csr_tensor(
-            tensors.pop(f"{key}.crow_indices"),
-            tensors.pop(f"{key}.col_indices"),
-            tensors.pop(f"{key}.values"),
-            (s["out"], cols),
-            check_invariants=True,  # the file may come from elsewhere
-        )
-        prefix = f"{name}." if name else ""
-        bias = tensors.pop(f"{prefix}bias", None)
-        if s["type"] == "linear":
-            sparse: nn.Module = SparseLinear(weight, bias)
-        else:
-            sparse = SparseConv2d(weight, bias, s)
-        if not name:
-            return sparse.eval()
-        _set_submodule(network, name, sparse)
-    network.load_state_dict(tensors)
-    return network.eval()
+    except Exception as err:  # the exporter raises many types for unsupported operators
+        path.unlink(missing_ok=True)  # never leave a stale file from an earlier export
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        warnings.warn(f"shrunk.onnx not written: {first_line}", stacklevel=3)
+        return f"not written: {first_line}"
+    return None
 
 
 @torch.no_grad()
@@ -319,35 +190,6 @@ def macs(network: nn.Module, input_shape: tuple[int, ...]) -> int:
         for h in handles:
             h.remove()
     return total
-
-
-def _write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    atomic_write_bytes(path, _safetensors().save(tensors, metadata=metadata))
-
-
-def _write_onnx(model: nn.Module, example: Tensor, path: Path) -> str | None:
-    """Write ``model`` as ONNX; returns why not when onnx is missing or cannot express it."""
-    if find_spec("onnx") is None:
-        path.unlink(missing_ok=True)  # never leave a stale file from an earlier export
-        return 'not written: pip install "vbdropout[export]" for ONNX'
-    try:
-        with atomic_path(path) as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (example,),
-                str(tmp),
-                dynamo=False,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            )
-    except Exception as err:  # the exporter raises many types for unsupported operators
-        path.unlink(missing_ok=True)  # never leave a stale file from an earlier export
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        warnings.warn(f"shrunk.onnx not written: {first_line}", stacklevel=3)
-        return f"not written: {first_line}"
-    return None
 
 
 @torch.no_grad()
@@ -377,61 +219,61 @@ def export_compressed(
     mean, std: the input normalization the model was trained with (recorded only).
     """
     out = Path(out_dir)
+    compressed = _compress(model, input_shape)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, int] = {}
+    skipped: dict[str, str] = {}  # the skippable files not written: why
+    for name, export in EXPORTERS.items():
+        why = export.write(compressed, out / name)
+        if why is None:
+            files[name] = (out / name).stat().st_size
+        elif export.skippable is not None:
+            skipped[export.skippable] = why
+    report = _report(compressed, mean, std, source) | {"files": files, **skipped}
+    atomic_write_json(out / "report.json", report)
+    atomic_write_bytes(out / "report.md", format_report(report).encode())
+    return report
+
+
+def _compress(model: nn.Module, input_shape: tuple[int, ...]) -> Compressed:
+    """``model``'s dense and shrunk forms, checked to compute what it computes."""
     model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where it was
     dense, dense_parts = fold_scales_with_parts(model)
     small, small_parts = shrink_with_parts(model)
-    example = torch.zeros(2, *input_shape)
     _check_same_function(model, small, input_shape)
-    out.mkdir(parents=True, exist_ok=True)
+    return Compressed(model, dense, dense_parts, small, small_parts, tuple(input_shape))
 
-    tensors = {k: v.contiguous() for k, v in small.state_dict().items()}
-    _write_safetensors(
-        out / "shrunk.safetensors", tensors, _architecture_metadata(small, small_parts)
-    )
-    csr_layers = _csr_layers(dense)
-    _write_safetensors(
-        out / "sparse.safetensors",
-        _sparse_tensors(dense, csr_layers),
-        {**_architecture_metadata(dense, dense_parts), "csr_layers": json.dumps(csr_layers)},
-    )
-    batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(small, (example,), dynamic_shapes=({0: batch},))
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    atomic_write_bytes(out / "shrunk.pt", buffer.getvalue())
-    files = ["shrunk.pt", "shrunk.safetensors", "sparse.safetensors"]
-    onnx_problem = _write_onnx(small, example, out / "shrunk.onnx")
-    if onnx_problem is None:
-        files.append("shrunk.onnx")
 
-    weights = compression_report(model)
-    dense_params = sum(p.numel() for p in dense.parameters())
-    small_params = sum(p.numel() for p in small.parameters())
-    report = {
+def _report(
+    c: Compressed,
+    mean: tuple[float, ...] | None,
+    std: tuple[float, ...] | None,
+    source: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The report's entries about the model (all but the files)."""
+    weights = compression_report(c.model)
+    return {
         "source": source or {},
         "input_normalization": {
             "mean": None if mean is None else list(mean),
             "std": None if std is None else list(std),
             "pixels": "scaled to [0, 1]",
         },
-        "input_shape": list(input_shape),
-        "shrunk_parts": "whole model" if small_parts == [""] else small_parts,
+        "input_shape": list(c.input_shape),
+        "shrunk_parts": "whole model" if c.small_parts == [""] else c.small_parts,
         "compression_ratio": weights.to_dict()["compression_ratio"],
         "sparsity_per_layer": weights.sparsity_per_layer(),
         "weights": weights.to_dict(),
         "neurons_per_layer": {
-            "dense": neurons_per_layer(dense),
-            "shrunk": neurons_per_layer(small),
+            "dense": neurons_per_layer(c.dense),
+            "shrunk": neurons_per_layer(c.small),
         },
-        "parameters": {"dense": dense_params, "shrunk": small_params},
-        "macs": {"dense": macs(dense, input_shape), "shrunk": macs(small, input_shape)},
-        "files": {name: (out / name).stat().st_size for name in files},
+        "parameters": {
+            "dense": sum(p.numel() for p in c.dense.parameters()),
+            "shrunk": sum(p.numel() for p in c.small.parameters()),
+        },
+        "macs": {"dense": macs(c.dense, c.input_shape), "shrunk": macs(c.small, c.input_shape)},
     }
-    if onnx_problem is not None:
-        report["onnx"] = onnx_problem
-    atomic_write_json(out / "report.json", report)
-    atomic_write_bytes(out / "report.md", format_report(report).encode())
-    return report
 
 
 def _normalization_text(normalization: dict[str, Any]) -> str:
@@ -464,7 +306,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"- multiply–accumulates per example: {ops['dense']} → {ops['shrunk']}",
         f"- input normalization: {_normalization_text(report['input_normalization'])}",
         f"- shrunk: {_parts_text(report['shrunk_parts'])}",
-        *([f"- shrunk.onnx: {report['onnx']}"] if "onnx" in report else []),
+        *(
+            f"- {name}: {report[e.skippable]}"
+            for name, e in EXPORTERS.items()
+            if e.skippable is not None and e.skippable in report
+        ),
         "",
         "| file | bytes |",
         "|---|---|",
