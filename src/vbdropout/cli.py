@@ -248,6 +248,7 @@ def _method_list(methods: dict[str, Any]) -> str:
 
 
 def _add_train_parser(sub: Any) -> None:
+    """Add ``vbd train`` to the subcommands ``sub``."""
     from .data import DATASETS
     from .models import METHODS, MODELS
 
@@ -376,6 +377,7 @@ def _add_train_parser(sub: Any) -> None:
 
 
 def _add_download_parser(sub: Any) -> None:
+    """Add ``vbd download`` to the subcommands ``sub``."""
     from .data import DATASETS
 
     download = sub.add_parser(
@@ -392,6 +394,7 @@ def _add_download_parser(sub: Any) -> None:
 
 
 def _add_eval_parser(sub: Any) -> None:
+    """Add ``vbd eval`` to the subcommands ``sub``."""
     evaluate = sub.add_parser(
         "eval",
         help="test error, NLL and calibration of a trained run",
@@ -408,6 +411,7 @@ def _add_eval_parser(sub: Any) -> None:
 
 
 def _add_compress_parser(sub: Any) -> None:
+    """Add ``vbd compress`` to the subcommands ``sub``."""
     compress = sub.add_parser(
         "compress",
         help="export a trained run as smaller models (shrunk, sparse, ONNX) with a report",
@@ -437,6 +441,7 @@ def _add_compress_parser(sub: Any) -> None:
 
 
 def _add_reproduce_parser(sub: Any) -> None:
+    """Add ``vbd reproduce`` to the subcommands ``sub``."""
     repro = sub.add_parser(
         "reproduce",
         help="rerun one of the paper's tables side by side with its published numbers",
@@ -483,6 +488,7 @@ def _add_reproduce_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``vbd`` argument parser with every command."""
     from .models import METHODS
 
     parser = _Parser(
@@ -506,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_demo_parser(sub: Any) -> None:
+    """Add ``vbd demo`` to the subcommands ``sub``."""
     demo = sub.add_parser(
         "demo",
         help="train, then compress with VBD, on the bundled 8×8 digits (no download, ~10 s)",

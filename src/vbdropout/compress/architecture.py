@@ -77,6 +77,7 @@ def spec(network: nn.Sequential) -> list[dict[str, Any]]:
 
 
 def build(spec: list[dict[str, Any]]) -> nn.Sequential:
+    """The plain ``nn.Sequential`` that :func:`spec` described (untrained values)."""
     layers: list[nn.Module] = []
     for s in spec:
         kind = s["type"]
@@ -125,6 +126,7 @@ def read(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str
 
 
 def architecture_metadata(model: nn.Module, parts: list[str]) -> dict[str, str]:
+    """The metadata entries that describe ``model``: the whole of it, or its ``parts``."""
     if parts == [""]:  # the whole model is one plain Sequential
         return {"architecture": json.dumps(spec(model))}
     specs = {name: spec(model.get_submodule(name)) for name in parts}
@@ -151,6 +153,7 @@ def skeleton(
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` in ``model``."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 

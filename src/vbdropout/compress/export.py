@@ -138,6 +138,7 @@ def _write_sparse(c: Compressed, path: Path) -> None:
 
 
 def _write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` with ``metadata`` as a safetensors file, atomically."""
     atomic_write_bytes(path, safetensors_module().save(tensors, metadata=metadata))
 
 

@@ -80,6 +80,7 @@ def check_resumable(state: dict[str, Any], config: TrainConfig, path: Path) -> d
 
 
 def _is_state_dict(value: Any) -> bool:
+    """Whether ``value`` maps names to tensors."""
     return isinstance(value, dict) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
     )

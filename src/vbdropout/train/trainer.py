@@ -12,6 +12,10 @@ Only one process trains into a directory at a time (``.lock``, see
 :func:`~.rundir.run_lock`); the holder removes temp files left by a killed writer. A
 diverging run (NaN/inf loss, KL, gradient or parameter) stops before anything
 of the failing epoch is saved. See docs/RELIABILITY.md for the measured faults.
+
+A run is built or restored from its checkpoint (``_restore``, with the checks of
+:mod:`.state`), trained epoch by epoch (``_epoch``: train, test, log, checkpoint) and
+summarized (``_summary``); its directory's files are :mod:`.rundir`'s.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def _versions() -> dict[str, str]:
+    """The versions that produced a run, for its summary."""
     return {
         "vbdropout": __version__,
         "torch": torch.__version__,
@@ -135,6 +140,7 @@ def _interrupted(err: KeyboardInterrupt, out: Path) -> str:
 
 
 def _train_worker(config: TrainConfig, resume: bool) -> None:
+    """One process of a data-parallel run started by :func:`train`."""
     train(config, resume=resume, progress=False)
 
 
