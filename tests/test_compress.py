@@ -243,3 +243,10 @@ def test_a_registered_exporter_writes_its_file_and_is_reported(tmp_path, monkeyp
     markdown = (tmp_path / "report.md").read_text()
     assert "| shrunk.txt |" in markdown and "- never.bin: not written" in markdown
     assert json.loads((tmp_path / "report.json").read_text())["files"] == report["files"]
+
+    @export.exporter("bad.bin")  # not skippable: a reason is an error, not a silent gap
+    def bad(compressed: export.Compressed, path):
+        return "not written"
+
+    with pytest.raises(RuntimeError, match="bad.bin skipped it"):
+        export_compressed(net, tmp_path / "again", (1, 4, 4))

@@ -228,7 +228,9 @@ def export_compressed(
         why = export.write(compressed, out / name)
         if why is None:
             files[name] = (out / name).stat().st_size
-        elif export.skippable is not None:
+        elif export.skippable is None:
+            raise RuntimeError(f"the writer of {name} skipped it ({why}) but may not skip it")
+        else:
             skipped[export.skippable] = why
     report = _report(compressed, mean, std, source) | {"files": files, **skipped}
     atomic_write_json(out / "report.json", report)
