@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.deterministic import InputSelect, to_deterministic
+from ..nn.geometry import is_plain_conv
 from ..train.checkpoint import atomic_write_bytes, atomic_write_json
 from .report import compression_report
 from .shrink import fold_scales_with_parts, neurons_per_layer, shrink_with_parts
@@ -231,13 +232,7 @@ def _csr_layers(network: nn.Module) -> list[str]:
     return [
         name
         for name, m in network.named_modules()
-        if type(m) is nn.Linear
-        or (
-            type(m) is nn.Conv2d
-            and m.groups == 1
-            and not isinstance(m.padding, str)
-            and m.padding_mode == "zeros"
-        )
+        if type(m) is nn.Linear or (type(m) is nn.Conv2d and is_plain_conv(m))
     ]
 
 

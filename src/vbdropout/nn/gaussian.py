@@ -43,7 +43,13 @@ from torch import Tensor, nn
 from .. import kernels
 from ..priors import LOG_ALPHA_RANGE, THETA_EPS, Prior, get_prior
 from .base import VariationalModule, standard_normal_like, state_key
-from .geometry import layer_like
+from .prunable import (
+    LOG_ALPHA_THRESHOLD,
+    PrunableWeight,
+    Threshold,
+    check_log_alpha_threshold,
+    eval_cached,
+)
 
 __all__ = [
     "LOG_ALPHA_RANGE",
@@ -63,20 +69,6 @@ AlphaPer = Literal["weight", "unit", "layer"]
 _FORWARD_KL: weakref.WeakKeyDictionary[
     nn.Module, tuple[tuple[int, ...], Tensor, Tensor, Tensor]
 ] = weakref.WeakKeyDictionary()
-
-
-def _validate_threshold(threshold: float | None) -> float | None:
-    if threshold is None:
-        return None
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold must be a number or None, got {type(threshold).__name__}")
-    low, high = LOG_ALPHA_RANGE
-    if not low <= threshold <= high:  # also rejects NaN
-        raise ValueError(
-            f"threshold is a log α value and must lie in the clip range [{low}, {high}], "
-            f"got {threshold}; use None to disable pruning"
-        )
-    return float(threshold)
 
 
 @dataclass
@@ -99,7 +91,7 @@ def _load_record(missing_keys: list[str]) -> _LoadRecord:
     return record
 
 
-class GaussianWeight(VariationalModule):
+class GaussianWeight(PrunableWeight, VariationalModule):
     """Mixin: Gaussian posterior on ``self.weight`` with the LRT forward.
 
     Subclasses combine it with a torch layer and implement :meth:`_apply_weight`.
@@ -108,13 +100,14 @@ class GaussianWeight(VariationalModule):
     weight: Tensor
     bias: Tensor | None
     check_inputs: bool = True
+    threshold_option = "log_alpha_threshold"
 
     def __init__(
         self,
         *args: Any,
         prior: str | Prior = "hierarchical",
         alpha_per: AlphaPer = "weight",
-        threshold: float | None = 3.0,
+        threshold: float | None = LOG_ALPHA_THRESHOLD,
         train_clip: bool = False,
         init_log_sigma2: float = -10.0,
         init_log_alpha: float = 0.0,
@@ -166,7 +159,7 @@ class GaussianWeight(VariationalModule):
 
     @threshold.setter
     def threshold(self, value: float | None) -> None:
-        self._threshold = _validate_threshold(value)
+        self._threshold = check_log_alpha_threshold(value)
 
     def reset_parameters(self) -> None:
         """Reset θ and the bias as the torch layer does, then the variance."""
@@ -207,44 +200,22 @@ class GaussianWeight(VariationalModule):
             return torch.zeros((), dtype=torch.bool, device=self.weight.device)
         return self.log_sigma2.detach().amax() > math.log(torch.finfo(self.log_sigma2.dtype).max)
 
-    def keep_mask(self, threshold: float | str | None = "own") -> Tensor:
+    def keep_mask(self, threshold: Threshold = "own") -> Tensor:
         """Boolean mask of the weights that survive pruning: log α ≤ threshold.
 
         ``threshold="own"`` uses the layer's :attr:`threshold`; ``None`` keeps all.
         """
-        threshold = self.threshold if threshold == "own" else _validate_threshold(threshold)  # type: ignore[arg-type]
+        if threshold == "own":
+            threshold = self.threshold
+        threshold = check_log_alpha_threshold(threshold)  # type: ignore[arg-type]
         if threshold is None:
             return torch.ones_like(self.weight, dtype=torch.bool)
         return (self.log_alpha <= threshold).expand_as(self.weight)
 
-    def masked_weight(self) -> Tensor:
-        """The posterior mean θ with the pruned weights set to zero."""
-        return self.weight * self.keep_mask()
-
     def _eval_weight(self) -> Tensor:
-        """:meth:`masked_weight`, cached across evaluation forwards without autograd.
-
-        The cache is keyed on the parameters' state (:func:`~.base.state_key`: an
-        optimizer step or ``load_state_dict`` changes it) and the threshold.
-        """
-        if torch.is_grad_enabled():
-            return self.masked_weight()
+        """:meth:`masked_weight`, cached across evaluation forwards (:func:`.eval_cached`)."""
         variance = self.log_sigma2 if self.additive else self.log_alpha_param
-        key = (*state_key((self.weight, variance)), self.threshold)
-        cached = self.__dict__.get("_eval_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, self.masked_weight())
-            self.__dict__["_eval_cache"] = cached
-        return cached[1]
-
-    @torch.no_grad()
-    def deterministic(self) -> nn.Module:
-        """The plain torch layer computing this layer's evaluation output (pruned θ)."""
-        plain = layer_like(self)
-        plain.weight.copy_(self.masked_weight())
-        if self.bias is not None:
-            plain.bias.copy_(self.bias)
-        return plain.eval()
+        return eval_cached(self, self.masked_weight, (self.weight, variance), self.threshold)
 
     def kl(self) -> Tensor:
         """KL(q(W) || p(W)) summed over the layer's weights (biases are deterministic).

@@ -45,6 +45,7 @@ from ..compress import compression_report
 from ..data import Dataset, load_dataset
 from ..models import METHODS, build_model
 from ..nn.gaussian import GaussianWeight
+from ..nn.geometry import WEIGHT_LAYERS
 from ..nn.schedule import epoch_end
 from . import distributed
 from .checkpoint import (
@@ -292,7 +293,6 @@ def _versions() -> dict[str, str]:
     }
 
 
-_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _VARIANCE_NAMES = ("log_sigma2", "log_alpha_param")  # the variational entries of GaussianWeight
 
 
@@ -315,7 +315,7 @@ def _load_init(model: nn.Module, path: str) -> None:
         if not _is_state_dict(state) or any(k.endswith(_VARIANCE_NAMES) for k in state):
             raise  # not weights, or a variational state_dict that does not fit: no guessing
     weights = [(k, v) for k, v in state.items() if k.endswith("weight") and v.dim() >= 2]
-    layers = [m for m in model.modules() if isinstance(m, _WEIGHT_LAYERS)]
+    layers = [m for m in model.modules() if isinstance(m, WEIGHT_LAYERS)]
     shapes = [tuple(v.shape) for _, v in weights]
     wanted = [tuple(m.weight.shape) for m in layers]
     if shapes != wanted:
