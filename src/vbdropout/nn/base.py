@@ -87,6 +87,12 @@ class VariationalModule(StochasticModule):
     def kl(self) -> Tensor:
         raise NotImplementedError
 
+    def variance_overflows(self) -> Tensor | None:
+        """Whether the finite parameters imply a noise variance that overflows to inf
+        (a 0-dim bool tensor, read once per step by the training loop); ``None`` for a
+        module whose variances cannot overflow."""
+        return None
+
 
 @contextmanager
 def mc_sampling(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:

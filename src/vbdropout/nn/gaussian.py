@@ -32,9 +32,7 @@ exactly as ½·log(1 + θ²/σ²) (see :meth:`~vbdropout.priors.Prior.kl_sum_add
 from __future__ import annotations
 
 import math
-import threading
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -43,6 +41,7 @@ from torch import Tensor, nn
 from .. import kernels
 from ..priors import LOG_ALPHA_RANGE, THETA_EPS, Prior, get_prior
 from .base import VariationalModule, standard_normal_like, state_key
+from .plain_state import load_plain_or_variational
 from .prunable import (
     LOG_ALPHA_THRESHOLD,
     PrunableWeight,
@@ -69,26 +68,6 @@ AlphaPer = Literal["weight", "unit", "layer"]
 _FORWARD_KL: weakref.WeakKeyDictionary[
     nn.Module, tuple[tuple[int, ...], Tensor, Tensor, Tensor]
 ] = weakref.WeakKeyDictionary()
-
-
-@dataclass
-class _LoadRecord:
-    """What the Gaussian layers of one ``load_state_dict`` call saw so far."""
-
-    missing_keys: list[str]  # the call's own list: identifies the call
-    variational: bool = False  # some layer found its variance entry
-    taken_as_plain: list[str] = field(default_factory=list)  # variance keys let go as plain
-
-
-_LOADING = threading.local()
-
-
-def _load_record(missing_keys: list[str]) -> _LoadRecord:
-    """The record of the load that ``missing_keys`` belongs to (a new one for a new load)."""
-    record = getattr(_LOADING, "record", None)
-    if record is None or record.missing_keys is not missing_keys:
-        record = _LOADING.record = _LoadRecord(missing_keys)
-    return record
 
 
 class GaussianWeight(PrunableWeight, VariationalModule):
@@ -193,9 +172,9 @@ class GaussianWeight(PrunableWeight, VariationalModule):
             sigma2 = torch.minimum(sigma2, cap)
         return sigma2
 
-    def sigma2_overflows(self) -> Tensor:
-        """Whether some σ² = exp(log σ²) overflows to inf (a 0-dim bool tensor): only an
-        additive layer whose prior does not cap α can, when log σ² > log(dtype max)."""
+    def variance_overflows(self) -> Tensor:
+        """Whether some σ² = exp(log σ²) overflows to inf: only an additive layer whose
+        prior does not cap α can, when log σ² > log(dtype max)."""
         if not self.additive or self.prior.max_log_alpha is not None or not self.weight.numel():
             return torch.zeros((), dtype=torch.bool, device=self.weight.device)
         return self.log_sigma2.detach().amax() > math.log(torch.finfo(self.log_sigma2.dtype).max)
@@ -339,26 +318,13 @@ class GaussianWeight(PrunableWeight, VariationalModule):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        """Accept a plain layer's state_dict: θ and bias from it, the variance at its init.
-
-        Only a dict without any variational entry is plain: if another Gaussian layer
-        of the same load found its variance, every missing one stays missing (a
-        truncated variational state_dict must not load silently).
-        """
+        """Accept a plain layer's state_dict: θ and bias from it, the variance at its init
+        (see :func:`~.plain_state.load_plain_or_variational`)."""
         names = ("log_sigma2",) if self.additive else ("log_alpha_param",)
-        absent = [prefix + n for n in names if prefix + n not in state_dict]
-        record = _load_record(missing_keys)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if not absent:
-            record.variational = True
-            missing_keys.extend(key for key in record.taken_as_plain if key not in missing_keys)
-            record.taken_as_plain.clear()
-        elif prefix + "weight" in state_dict and not record.variational:
-            for key in absent:
-                missing_keys.remove(key)
-            record.taken_as_plain.extend(absent)
+        if load_plain_or_variational(state_dict, prefix, names, missing_keys):
             self.reset_variational_parameters()
 
 

@@ -156,11 +156,20 @@ class StructuredVBD(UnitNoise):
 
     def sample(self, batch: int) -> Tensor:
         theta, sigma = self.theta, torch.exp(0.5 * self.log_sigma2)
-        if self.mc or self.train_clip:
+        if self.mc or self.train_clip:  # where, not a product: a pruned unit's σ may be inf
             mask = self.keep_mask()
-            theta, sigma = theta * mask, sigma * mask
+            theta, sigma = theta * mask, torch.where(mask, sigma, 0.0)
         eps = torch.randn(batch, self.num_units, device=theta.device, dtype=theta.dtype)
         return theta + sigma * eps
+
+    def variance_overflows(self) -> Tensor:
+        """Whether a unit that training samples has σ = exp(½·log σ²) = inf. With
+        ``train_clip`` only kept units are sampled (log α ≤ threshold, σ finite): never.
+        Without it, a unit that the KL has long pruned can get there in a very long run."""
+        if self.train_clip:
+            return torch.zeros((), dtype=torch.bool, device=self.theta.device)
+        limit = 2 * math.log(torch.finfo(self.log_sigma2.dtype).max)
+        return self.log_sigma2.detach().amax() > limit
 
     def kl(self) -> Tensor:
         """Σ over units of the prior's KL at the unclipped log α (½·log(1 + 1/α) for VBD)."""
