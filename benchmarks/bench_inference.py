@@ -30,22 +30,12 @@ from torch import nn
 from vbdropout.compress.export import export_compressed, load_sparse
 from vbdropout.compress.shrink import shrink
 from vbdropout.nn.deterministic import to_deterministic
-from vbdropout.nn.gaussian import GaussianWeight
-from vbdropout.nn.structured import UnitNoise
 from vbdropout.train.runs import load_run
 
 
 def unpruned(model: nn.Module) -> nn.Module:
     """The same architecture with nothing pruned (thresholds off)."""
-    import copy
-
-    dense = copy.deepcopy(model)
-    for m in dense.modules():
-        if isinstance(m, GaussianWeight):
-            m.threshold = None
-        if isinstance(m, UnitNoise) and hasattr(m, "threshold"):
-            m.threshold = None
-    return to_deterministic(dense)
+    return to_deterministic(model, log_alpha_threshold=None, unit_threshold=None)
 
 
 @torch.no_grad()

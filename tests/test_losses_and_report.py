@@ -94,10 +94,10 @@ def test_compression_report_threshold_override_and_full_pruning():
         model[0].weight.fill_(1.0)
         model[0].log_sigma2.fill_(2.0)
     assert compression_report(model).layers[0].nonzero == 30
-    pruned = compression_report(model, threshold=1.0)
+    pruned = compression_report(model, log_alpha_threshold=1.0)
     assert pruned.layers[0].nonzero == 0 and pruned.threshold == 1.0
     assert pruned.layers[0].ratio == float("inf")
     assert pruned.to_dict()["layers"][0]["compression_ratio"] is None
-    assert compression_report(model, threshold=None).layers[0].nonzero == 30
+    assert compression_report(model, log_alpha_threshold=None).layers[0].nonzero == 30
     with pytest.raises(ValueError, match="threshold"):
-        compression_report(model, threshold=50.0)
+        compression_report(model, log_alpha_threshold=50.0)

@@ -4,9 +4,12 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
+from vbdropout.nn.base import mc_sampling
 from vbdropout.nn.structured import StructuredBayesianPruning, StructuredVBD, _log_mass
 from vbdropout.priors import HierarchicalPrior
+from vbdropout.train.loop import DivergenceError, train_epoch
 
 
 def test_structured_vbd_samples_n_theta_alpha_theta2_per_example_and_unit():
@@ -113,3 +116,33 @@ def test_cached_eval_multiplier_follows_parameter_and_threshold_changes(make):
             assert (layer(x) > 0).all()
             return
         assert torch.equal(layer(x), torch.zeros(2, 4)), "every unit pruned"
+
+
+def test_a_pruned_unit_with_an_infinite_sigma_stays_out_of_training_and_mc_outputs():
+    """Under train_clip the KL alone drives a pruned unit's log σ² up without bound; its
+    σ = exp(½·log σ²) may overflow, and a masked product (inf·0) would then be NaN."""
+    layer = StructuredVBD(3, train_clip=True)
+    with torch.no_grad():
+        layer.log_sigma2[1] = 400.0  # finite, but exp(200) overflows float32
+    x = torch.ones(5, 3)
+    out = layer.train()(x)
+    assert torch.isfinite(out).all() and (out[:, 1] == 0).all()
+    assert not bool(layer.variance_overflows())  # pruned units are never sampled
+    layer.train_clip = False
+    assert bool(layer.variance_overflows())  # ... without the hard mask they are
+    with mc_sampling(layer.eval()):
+        assert torch.isfinite(layer(x)).all()
+
+
+def test_structured_variance_overflow_is_divergence_in_the_training_loop():
+    model = nn.Sequential(StructuredVBD(4), nn.Linear(4, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    class Overflowing(torch.optim.SGD):
+        def step(self, closure=None):  # type: ignore[no-untyped-def]
+            with torch.no_grad():
+                model[0].log_sigma2[0] = 400.0
+
+    opt = Overflowing(model.parameters(), lr=0.1)
+    with pytest.raises(DivergenceError, match=r"step 1/1: the update made 0.sigma2 = exp"):
+        train_epoch(model, opt, x, y, batch_size=8, kl_weight=1.0)

@@ -34,6 +34,7 @@ __all__ = [
     "HierarchicalPrior",
     "KingmaLogUniformPrior",
     "LogUniformPrior",
+    "NoPrior",
     "Prior",
     "get_prior",
 ]
@@ -263,6 +264,16 @@ class KingmaLogUniformPrior(Prior):
         return self._constant - (
             0.5 * log_alpha + alpha * (self.c1 + alpha * (self.c2 + alpha * self.c3))
         )
+
+
+class NoPrior(Prior):
+    """No KL term: the posterior variance is a fixed noise level, not a learned belief
+    (fast dropout's layers); not selectable by name."""
+
+    name = "none"
+
+    def kl(self, log_alpha: Tensor) -> Tensor:
+        return torch.zeros_like(log_alpha)
 
 
 PRIORS: dict[str, type[Prior]] = {

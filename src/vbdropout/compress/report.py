@@ -9,7 +9,6 @@ compression ratio of the whole network is |W| / |W≠0|.
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -19,12 +18,12 @@ import torch
 from torch import nn
 
 from ..nn.deterministic import Scale
-from ..nn.gaussian import GaussianWeight, _validate_threshold
+from ..nn.gaussian import GaussianWeight
+from ..nn.geometry import WEIGHT_LAYERS
+from ..nn.prunable import PrunableWeight, Threshold, check_log_alpha_threshold, threshold_for
 from ..nn.structured import UnitNoise
 
 __all__ = ["CompressionReport", "LayerCompression", "compression_report"]
-
-_WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 
 
 @dataclass(frozen=True)
@@ -117,31 +116,45 @@ class CompressionReport:
         return "\n".join(rows)
 
 
+_UNSET: Any = object()
+
+
 @torch.no_grad()
 def compression_report(
-    model: nn.Module, threshold: float | str | None = "own"
+    model: nn.Module,
+    threshold: Threshold = _UNSET,
+    *,
+    log_alpha_threshold: Threshold = "own",
+    unit_threshold: Threshold = "own",
 ) -> CompressionReport:
     """Count weights and surviving weights of every linear/conv layer of ``model``.
 
-    threshold: log α pruning threshold for the Gaussian-weight layers (unit-noise
-    layers keep their own unit threshold); ``"own"`` (the default) uses each
-    layer's own ``threshold`` (3.0 for weights unless set), ``None`` prunes nothing.
+    log_alpha_threshold: the log α cut of the Gaussian-weight layers (a weight
+    survives while log α ≤ it); ``"own"`` (the default) uses each layer's own
+    ``threshold`` (3.0 unless set), ``None`` prunes nothing. unit_threshold: the
+    same for the structured units. ``threshold`` is the former name of
+    ``log_alpha_threshold`` (deprecated). The model is not changed.
     Plain layers count their exactly-nonzero weights.
     Models with unit-noise layers (structured methods) are counted after their
     unit multipliers are folded into the weights, so a pruned unit's weights
     count as zero.
     """
-    shown = threshold if threshold != "own" else _common_threshold(model)
-    if threshold != "own":
-        _validate_threshold(threshold)  # type: ignore[arg-type]
-        model = copy.deepcopy(model)
-        for m in model.modules():
-            if isinstance(m, GaussianWeight):
-                m.threshold = threshold
+    if threshold is not _UNSET:
+        warnings.warn(
+            "compression_report(threshold=...) is deprecated: use log_alpha_threshold=...",
+            DeprecationWarning,
+            stacklevel=3,  # the caller, above torch.no_grad's wrapper
+        )
+        log_alpha_threshold = threshold
+    thresholds = {"log_alpha_threshold": log_alpha_threshold, "unit_threshold": unit_threshold}
+    for name, value in thresholds.items():
+        if value != "own":
+            check_log_alpha_threshold(value, name)  # type: ignore[arg-type]
+    shown = _common_threshold(model) if log_alpha_threshold == "own" else log_alpha_threshold
     if any(isinstance(m, UnitNoise) for m in model.modules()):
         from .shrink import fold_scales
 
-        named = list(fold_scales(model).named_modules())
+        named = list(fold_scales(model, **thresholds).named_modules())
         unfolded = [name for name, m in named if isinstance(m, Scale)]
         if unfolded:
             warnings.warn(
@@ -154,10 +167,12 @@ def compression_report(
         named = list(model.named_modules())
     layers = []
     for name, module in named:
-        if not isinstance(module, _WEIGHT_LAYERS):
+        if not isinstance(module, WEIGHT_LAYERS):
             continue
-        masked = getattr(module, "masked_weight", None)  # variational and pruning layers
-        weight = module.weight if masked is None else masked()
+        if isinstance(module, PrunableWeight):
+            weight = module.masked_weight(threshold_for(module, thresholds))
+        else:
+            weight = module.weight
         layers.append(
             LayerCompression(
                 name=name or type(module).__name__,

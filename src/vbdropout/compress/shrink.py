@@ -18,7 +18,10 @@ float rounding):
 4. input features that the first linear layer never reads are dropped by an
    :class:`~vbdropout.nn.deterministic.InputSelect`.
 
-Steps 3–4 repeat until nothing changes. Supported: ``Sequential`` networks of
+Steps 3–4 repeat until nothing changes. Every function here takes the
+pruning thresholds of :func:`~vbdropout.nn.deterministic.to_deterministic`
+(``log_alpha_threshold``, ``unit_threshold``: ``"own"``, a log α, or ``None``)
+and leaves the model unchanged. Supported: ``Sequential`` networks of
 Linear, Conv2d (groups = 1), ReLU, MaxPool2d, AdaptiveAvgPool2d, Flatten,
 Dropout/Identity — the shape of every network in :mod:`vbdropout.models`.
 
@@ -40,6 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.deterministic import InputSelect, Scale, to_deterministic
+from ..nn.geometry import is_plain_conv
+from ..nn.prunable import Threshold
 
 __all__ = [
     "fold_scales",
@@ -83,7 +88,7 @@ def _check_supported(layers: list[nn.Module]) -> None:
                 f"Flatten layers (and vbdropout's noise layers), found {kind.__name__}"
             )
         if kind is nn.Conv2d:
-            if m.groups != 1 or isinstance(m.padding, str) or m.padding_mode != "zeros":
+            if not is_plain_conv(m):
                 raise _unsupported(
                     "grouped convolutions, padding given as a string and padding modes "
                     "other than zeros are not supported"
@@ -265,55 +270,70 @@ def _replace_sequentials(module: nn.Module, transform: _Transform, prefix: str =
     return replaced
 
 
-def _apply(model: nn.Module, transform: _Transform) -> tuple[nn.Module, list[str]]:
+def _apply(
+    model: nn.Module, transform: _Transform, thresholds: dict[str, Threshold]
+) -> tuple[nn.Module, list[str]]:
     """``transform`` of a supported sequential model, else of every supported part of the model.
 
-    The model counts as sequential when it or its deterministic version is a plain
-    ``nn.Sequential`` (e.g. adversarial dropout's wrapper becomes one).
+    The model is first made deterministic at ``thresholds``
+    (:func:`~vbdropout.nn.deterministic.to_deterministic`); it counts as sequential
+    when that is a plain ``nn.Sequential`` (e.g. adversarial dropout's wrapper becomes one).
     """
-    plain = model if type(model) is nn.Sequential else to_deterministic(model)
+    plain = to_deterministic(model, **thresholds)
     if type(plain) is nn.Sequential:
         try:
             return transform(plain), [""]  # "": the model itself
         except ValueError:
             pass
-    if plain is model:
-        plain = to_deterministic(model)
     return plain.eval(), _replace_sequentials(plain, transform)
 
 
 @torch.no_grad()
-def fold_scales(model: nn.Module) -> nn.Module:
+def fold_scales(
+    model: nn.Module, *, log_alpha_threshold: Threshold = "own", unit_threshold: Threshold = "own"
+) -> nn.Module:
     """The deterministic model with every :class:`Scale` folded into its weight layer.
 
     A sequential model becomes one flat ``Sequential``; any other model keeps its
     structure with each supported ``Sequential`` inside it folded and flattened.
     """
-    return fold_scales_with_parts(model)[0]
+    return fold_scales_with_parts(
+        model, log_alpha_threshold=log_alpha_threshold, unit_threshold=unit_threshold
+    )[0]
 
 
 @torch.no_grad()
-def fold_scales_with_parts(model: nn.Module) -> tuple[nn.Module, list[str]]:
+def fold_scales_with_parts(
+    model: nn.Module, *, log_alpha_threshold: Threshold = "own", unit_threshold: Threshold = "own"
+) -> tuple[nn.Module, list[str]]:
     """:func:`fold_scales` and the qualified names of the parts it replaced (as
     :func:`shrink_with_parts`)."""
-    return _apply(model, _fold_sequential)
+    thresholds = {"log_alpha_threshold": log_alpha_threshold, "unit_threshold": unit_threshold}
+    return _apply(model, _fold_sequential, thresholds)
 
 
 @torch.no_grad()
-def shrink(model: nn.Module) -> nn.Module:
+def shrink(
+    model: nn.Module, *, log_alpha_threshold: Threshold = "own", unit_threshold: Threshold = "own"
+) -> nn.Module:
     """A physically smaller plain model computing ``model.eval()`` (see the module doc).
 
     A supported sequential model becomes one plain ``nn.Sequential``; any other
     model keeps its ``forward`` with its supported ``Sequential`` parts shrunk.
     """
-    return shrink_with_parts(model)[0]
+    return shrink_with_parts(
+        model, log_alpha_threshold=log_alpha_threshold, unit_threshold=unit_threshold
+    )[0]
 
 
 @torch.no_grad()
-def shrink_with_parts(model: nn.Module) -> tuple[nn.Module, list[str]]:
+def shrink_with_parts(
+    model: nn.Module, *, log_alpha_threshold: Threshold = "own", unit_threshold: Threshold = "own"
+) -> tuple[nn.Module, list[str]]:
     """:func:`shrink` and the qualified names of the parts it replaced (``[""]`` when
     it shrank the whole model as one ``Sequential``)."""
-    return _apply(model, _shrink_sequential)
+    thresholds = {"log_alpha_threshold": log_alpha_threshold, "unit_threshold": unit_threshold}
+    return _apply(model, _shrink_sequential, thresholds)
 
 
 def neurons_per_layer(network: nn.Module) -> list[int]:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn.geometry import is_plain_conv
 from .architecture import read, set_submodule, skeleton, spec
 
 __all__ = ["SparseConv2d", "SparseLinear", "csr_layers", "load_sparse", "sparse_tensors"]
@@ -64,13 +65,7 @@ def csr_layers(network: nn.Module) -> list[str]:
     return [
         name
         for name, m in network.named_modules()
-        if type(m) is nn.Linear
-        or (
-            type(m) is nn.Conv2d
-            and m.groups == 1
-            and not isinstance(m.padding, str)
-            and m.padding_mode == "zeros"
-        )
+        if type(m) is nn.Linear or (type(m) is nn.Conv2d and is_plain_conv(m))
     ]
 
 

@@ -130,20 +130,19 @@ def _run_cell(
 def _reevaluate(
     run_dir: Path, data_dir: str | None, threshold: float
 ) -> tuple[dict[str, Any], Any]:
-    """Test error and compression of a finished run at another pruning threshold."""
+    """Test error and compression of a finished run pruned at another log α threshold."""
     from ..compress import compression_report
-    from ..nn.gaussian import GaussianWeight
+    from ..nn.deterministic import to_deterministic
     from ..train.loop import evaluate
     from ..train.runs import load_run
 
     summary = json.loads((run_dir / "summary.json").read_text())
     model, data, _ = load_run(run_dir, data_dir)
-    for m in model.modules():
-        if isinstance(m, GaussianWeight):
-            m.threshold = threshold
-    test = evaluate(model, data.test_x, data.test_y)
-    summary.update(test_error=test["error"], compression=compression_report(model).to_dict())
-    return summary, model
+    pruned = to_deterministic(model, log_alpha_threshold=threshold)
+    test = evaluate(pruned, data.test_x, data.test_y)
+    report = compression_report(model, log_alpha_threshold=threshold)
+    summary.update(test_error=test["error"], compression=report.to_dict())
+    return summary, pruned
 
 
 def reproduce(

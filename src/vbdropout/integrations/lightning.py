@@ -23,6 +23,7 @@ model's weight sparsity and compression ratio at the end of every training epoch
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import Tensor
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from ..compress.report import compression_report
 from ..losses import elbo_terms
+from ..nn.prunable import Threshold
 from ..train.schedules import kl_weight as _scheduled_kl_weight
 
 try:
@@ -145,6 +147,9 @@ class VariationalLightningMixin:
         )
 
 
+_UNSET: Any = object()  # a deprecated argument not given
+
+
 class KLWarmup(pl.Callback):
     """Linear KL warm-up, and compression logging, for a LightningModule.
 
@@ -157,7 +162,8 @@ class KLWarmup(pl.Callback):
     :func:`~vbdropout.compress.compression_report` of the LightningModule — or of its
     submodule named ``module`` (e.g. ``"net"``; needed for structured models, whose
     report folds the network's layers in order) — unless ``log_compression=False``.
-    ``threshold`` is passed on to the report.
+    ``log_alpha_threshold`` and ``unit_threshold`` are passed on to the report
+    (``threshold`` is the former name of ``log_alpha_threshold``, deprecated).
     """
 
     def __init__(
@@ -166,11 +172,20 @@ class KLWarmup(pl.Callback):
         end: int,
         *,
         log_compression: bool = True,
-        threshold: float | str | None = "own",
+        log_alpha_threshold: Threshold = "own",
+        unit_threshold: Threshold = "own",
         module: str | None = None,
         prefix: str = "",
+        threshold: Threshold = _UNSET,
     ) -> None:
         super().__init__()
+        if threshold is not _UNSET:
+            warnings.warn(
+                "KLWarmup(threshold=...) is deprecated: use log_alpha_threshold=...",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            log_alpha_threshold = threshold
         for name, value in (("start", start), ("end", end)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an int, got {value!r}")
@@ -179,7 +194,8 @@ class KLWarmup(pl.Callback):
         self.start = start
         self.end = end
         self.log_compression = log_compression
-        self.threshold = threshold
+        self.log_alpha_threshold = log_alpha_threshold
+        self.unit_threshold = unit_threshold
         self.module = module
         self.prefix = prefix
 
@@ -194,7 +210,9 @@ class KLWarmup(pl.Callback):
         if not self.log_compression:
             return
         model = pl_module if self.module is None else pl_module.get_submodule(self.module)
-        report = compression_report(model, threshold=self.threshold)
+        report = compression_report(
+            model, log_alpha_threshold=self.log_alpha_threshold, unit_threshold=self.unit_threshold
+        )
         pl_module.log_dict(
             {
                 f"{self.prefix}sparsity": report.sparsity,

@@ -64,6 +64,16 @@ class StochasticModule(nn.Module):
         """Whether the forward pass draws noise now (training, or MC evaluation)."""
         return self.training or self.mc
 
+    def deterministic(self) -> nn.Module | None:
+        """The plain module that computes this one's evaluation output (``None``: the identity).
+
+        Every stochastic module defines it; :func:`~.deterministic.to_deterministic`
+        builds a whole model's plain equivalent from it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define its evaluation-time equivalent"
+        )
+
 
 class VariationalModule(StochasticModule):
     """A stochastic module that contributes a term to the training objective.
@@ -76,6 +86,12 @@ class VariationalModule(StochasticModule):
 
     def kl(self) -> Tensor:
         raise NotImplementedError
+
+    def variance_overflows(self) -> Tensor | None:
+        """Whether the finite parameters imply a noise variance that overflows to inf
+        (a 0-dim bool tensor, read once per step by the training loop); ``None`` for a
+        module whose variances cannot overflow."""
+        return None
 
 
 @contextmanager

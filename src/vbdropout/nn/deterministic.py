@@ -1,18 +1,23 @@
 """From a trained stochastic model to the plain network it computes in evaluation.
 
-Every vbdropout module knows its evaluation-time equivalent through
-``deterministic()``: a Gaussian-weight layer becomes the torch layer with the
-pruned posterior mean, a unit-noise layer a fixed per-unit :class:`Scale`, a
-dropout layer nothing. :func:`to_deterministic` applies that to a whole model
-(any nesting); the result gives the same outputs as ``model.eval()``.
+Every vbdropout module declares its evaluation-time equivalent,
+``deterministic()`` (:class:`~vbdropout.nn.base.StochasticModule`): a
+Gaussian-weight layer becomes the torch layer with the pruned posterior mean, a
+unit-noise layer a fixed per-unit :class:`Scale`, a dropout layer nothing.
+:func:`to_deterministic` applies that to a whole model (any nesting); the result
+gives the same outputs as ``model.eval()``.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
+
+from .base import StochasticModule
+from .prunable import Prunable, Threshold, threshold_for
 
 __all__ = ["InputSelect", "Scale", "to_deterministic"]
 
@@ -47,19 +52,35 @@ class InputSelect(nn.Module):
 
 
 @torch.no_grad()
-def to_deterministic(model: nn.Module) -> nn.Module:
+def to_deterministic(
+    model: nn.Module,
+    *,
+    log_alpha_threshold: Threshold = "own",
+    unit_threshold: Threshold = "own",
+) -> nn.Module:
     """A copy of ``model`` made of plain modules that computes ``model.eval()``'s output.
 
-    Modules with a ``deterministic()`` method are replaced by what it returns
-    (``None`` removes the module, i.e. identity); the rest are copied.
+    Every stochastic module is replaced by its ``deterministic()`` (``None``
+    removes it, i.e. identity); the rest are copied. The thresholds are those of
+    :mod:`~vbdropout.nn.prunable`: ``"own"`` keeps each layer's own cut, a number
+    prunes the Gaussian-weight layers (``log_alpha_threshold``) or the structured
+    units (``unit_threshold``) at that log α, ``None`` keeps everything.
     """
-    if hasattr(model, "deterministic"):
-        replacement = model.deterministic()
+    thresholds = {"log_alpha_threshold": log_alpha_threshold, "unit_threshold": unit_threshold}
+    return _deterministic(model, thresholds)
+
+
+def _deterministic(model: nn.Module, thresholds: Mapping[str, Threshold]) -> nn.Module:
+    if isinstance(model, StochasticModule):
+        if isinstance(model, Prunable):
+            replacement = model.deterministic(threshold_for(model, thresholds))
+        else:
+            replacement = model.deterministic()
         return nn.Identity() if replacement is None else replacement
     clone = copy.copy(model)
     clone._modules = {}
     for name, child in model._modules.items():
-        clone._modules[name] = None if child is None else to_deterministic(child)
+        clone._modules[name] = None if child is None else _deterministic(child, thresholds)
     clone._parameters = {k: _clone(v) for k, v in model._parameters.items()}
     clone._buffers = {
         k: None if v is None else v.detach().clone() for k, v in model._buffers.items()

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .penalized import PenalizedWeight, check_nonnegative
+from .penalized import LearnedMask, check_nonnegative
 from .schedule import check_fraction, epoch_at
 
 __all__ = ["DNS_C_RATE", "Conv2dDNS", "LinearDNS", "NetworkSurgery"]
@@ -73,7 +73,7 @@ def check_c_rate(value: float) -> float:
     return float(value)
 
 
-class NetworkSurgery(PenalizedWeight):
+class NetworkSurgery(LearnedMask):
     """Mixin: Guo et al.'s pruning and splicing of ``weight``; see the module docstring."""
 
     optional_state: tuple[str, ...] = ("mask", "iteration", "active", "stats")
@@ -150,10 +150,6 @@ class NetworkSurgery(PenalizedWeight):
         if torch.rand(()).item() < self.update_probability():
             self.surgery_()
         self.iteration += 1
-
-    def masked_weight(self) -> Tensor:
-        """W ⊙ T."""
-        return self.weight * self.mask
 
     def training_weight(self) -> Tensor:
         """W ⊙ T in value, with the gradient passed to every entry of W (straight-through)."""

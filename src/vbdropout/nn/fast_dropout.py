@@ -10,7 +10,8 @@ central-limit approximation of the sum), independently per example. That is
 exactly a Gaussian-weight layer q(w) = N(θ, αθ²) under the local
 reparameterization trick, with α = p/(1 − p) fixed and shared by the whole
 layer and no KL term: so these layers are :class:`~vbdropout.nn.LinearVBD` /
-:class:`~vbdropout.nn.Conv2dVBD` with a frozen tied log α and :class:`NoPrior`.
+:class:`~vbdropout.nn.Conv2dVBD` with a frozen tied log α and
+:class:`~vbdropout.priors.NoPrior`.
 Evaluation uses the mean weights (nothing is pruned); the bias carries no noise.
 """
 
@@ -19,23 +20,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from ..priors import Prior
+from ..priors import NoPrior
 from .dropout import check_rate
 from .gaussian import LOG_ALPHA_RANGE, Conv2dVBD, GaussianWeight, LinearVBD
 
-__all__ = ["Conv2dFastDropout", "LinearFastDropout", "NoPrior"]
-
-
-class NoPrior(Prior):
-    """No KL term: the posterior variance is a fixed noise level, not a learned belief."""
-
-    name = "none"
-
-    def kl(self, log_alpha: Tensor) -> Tensor:
-        return torch.zeros_like(log_alpha)
+__all__ = ["Conv2dFastDropout", "LinearFastDropout"]
 
 
 class _FastDropout(GaussianWeight):

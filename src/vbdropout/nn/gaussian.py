@@ -32,9 +32,7 @@ exactly as ½·log(1 + θ²/σ²) (see :meth:`~vbdropout.priors.Prior.kl_sum_add
 from __future__ import annotations
 
 import math
-import threading
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -43,7 +41,14 @@ from torch import Tensor, nn
 from .. import kernels
 from ..priors import LOG_ALPHA_RANGE, THETA_EPS, Prior, get_prior
 from .base import VariationalModule, standard_normal_like, state_key
-from .geometry import layer_like
+from .plain_state import load_plain_or_variational
+from .prunable import (
+    LOG_ALPHA_THRESHOLD,
+    PrunableWeight,
+    Threshold,
+    check_log_alpha_threshold,
+    eval_cached,
+)
 
 __all__ = [
     "LOG_ALPHA_RANGE",
@@ -65,41 +70,7 @@ _FORWARD_KL: weakref.WeakKeyDictionary[
 ] = weakref.WeakKeyDictionary()
 
 
-def _validate_threshold(threshold: float | None) -> float | None:
-    if threshold is None:
-        return None
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold must be a number or None, got {type(threshold).__name__}")
-    low, high = LOG_ALPHA_RANGE
-    if not low <= threshold <= high:  # also rejects NaN
-        raise ValueError(
-            f"threshold is a log α value and must lie in the clip range [{low}, {high}], "
-            f"got {threshold}; use None to disable pruning"
-        )
-    return float(threshold)
-
-
-@dataclass
-class _LoadRecord:
-    """What the Gaussian layers of one ``load_state_dict`` call saw so far."""
-
-    missing_keys: list[str]  # the call's own list: identifies the call
-    variational: bool = False  # some layer found its variance entry
-    taken_as_plain: list[str] = field(default_factory=list)  # variance keys let go as plain
-
-
-_LOADING = threading.local()
-
-
-def _load_record(missing_keys: list[str]) -> _LoadRecord:
-    """The record of the load that ``missing_keys`` belongs to (a new one for a new load)."""
-    record = getattr(_LOADING, "record", None)
-    if record is None or record.missing_keys is not missing_keys:
-        record = _LOADING.record = _LoadRecord(missing_keys)
-    return record
-
-
-class GaussianWeight(VariationalModule):
+class GaussianWeight(PrunableWeight, VariationalModule):
     """Mixin: Gaussian posterior on ``self.weight`` with the LRT forward.
 
     Subclasses combine it with a torch layer and implement :meth:`_apply_weight`.
@@ -108,13 +79,14 @@ class GaussianWeight(VariationalModule):
     weight: Tensor
     bias: Tensor | None
     check_inputs: bool = True
+    threshold_option = "log_alpha_threshold"
 
     def __init__(
         self,
         *args: Any,
         prior: str | Prior = "hierarchical",
         alpha_per: AlphaPer = "weight",
-        threshold: float | None = 3.0,
+        threshold: float | None = LOG_ALPHA_THRESHOLD,
         train_clip: bool = False,
         init_log_sigma2: float = -10.0,
         init_log_alpha: float = 0.0,
@@ -166,7 +138,7 @@ class GaussianWeight(VariationalModule):
 
     @threshold.setter
     def threshold(self, value: float | None) -> None:
-        self._threshold = _validate_threshold(value)
+        self._threshold = check_log_alpha_threshold(value)
 
     def reset_parameters(self) -> None:
         """Reset θ and the bias as the torch layer does, then the variance."""
@@ -200,51 +172,29 @@ class GaussianWeight(VariationalModule):
             sigma2 = torch.minimum(sigma2, cap)
         return sigma2
 
-    def sigma2_overflows(self) -> Tensor:
-        """Whether some σ² = exp(log σ²) overflows to inf (a 0-dim bool tensor): only an
-        additive layer whose prior does not cap α can, when log σ² > log(dtype max)."""
+    def variance_overflows(self) -> Tensor:
+        """Whether some σ² = exp(log σ²) overflows to inf: only an additive layer whose
+        prior does not cap α can, when log σ² > log(dtype max)."""
         if not self.additive or self.prior.max_log_alpha is not None or not self.weight.numel():
             return torch.zeros((), dtype=torch.bool, device=self.weight.device)
         return self.log_sigma2.detach().amax() > math.log(torch.finfo(self.log_sigma2.dtype).max)
 
-    def keep_mask(self, threshold: float | str | None = "own") -> Tensor:
+    def keep_mask(self, threshold: Threshold = "own") -> Tensor:
         """Boolean mask of the weights that survive pruning: log α ≤ threshold.
 
         ``threshold="own"`` uses the layer's :attr:`threshold`; ``None`` keeps all.
         """
-        threshold = self.threshold if threshold == "own" else _validate_threshold(threshold)  # type: ignore[arg-type]
+        if threshold == "own":
+            threshold = self.threshold
+        threshold = check_log_alpha_threshold(threshold)  # type: ignore[arg-type]
         if threshold is None:
             return torch.ones_like(self.weight, dtype=torch.bool)
         return (self.log_alpha <= threshold).expand_as(self.weight)
 
-    def masked_weight(self) -> Tensor:
-        """The posterior mean θ with the pruned weights set to zero."""
-        return self.weight * self.keep_mask()
-
     def _eval_weight(self) -> Tensor:
-        """:meth:`masked_weight`, cached across evaluation forwards without autograd.
-
-        The cache is keyed on the parameters' state (:func:`~.base.state_key`: an
-        optimizer step or ``load_state_dict`` changes it) and the threshold.
-        """
-        if torch.is_grad_enabled():
-            return self.masked_weight()
+        """:meth:`masked_weight`, cached across evaluation forwards (:func:`.eval_cached`)."""
         variance = self.log_sigma2 if self.additive else self.log_alpha_param
-        key = (*state_key((self.weight, variance)), self.threshold)
-        cached = self.__dict__.get("_eval_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, self.masked_weight())
-            self.__dict__["_eval_cache"] = cached
-        return cached[1]
-
-    @torch.no_grad()
-    def deterministic(self) -> nn.Module:
-        """The plain torch layer computing this layer's evaluation output (pruned θ)."""
-        plain = layer_like(self)
-        plain.weight.copy_(self.masked_weight())
-        if self.bias is not None:
-            plain.bias.copy_(self.bias)
-        return plain.eval()
+        return eval_cached(self, self.masked_weight, (self.weight, variance), self.threshold)
 
     def kl(self) -> Tensor:
         """KL(q(W) || p(W)) summed over the layer's weights (biases are deterministic).
@@ -368,26 +318,13 @@ class GaussianWeight(VariationalModule):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        """Accept a plain layer's state_dict: θ and bias from it, the variance at its init.
-
-        Only a dict without any variational entry is plain: if another Gaussian layer
-        of the same load found its variance, every missing one stays missing (a
-        truncated variational state_dict must not load silently).
-        """
+        """Accept a plain layer's state_dict: θ and bias from it, the variance at its init
+        (see :func:`~.plain_state.load_plain_or_variational`)."""
         names = ("log_sigma2",) if self.additive else ("log_alpha_param",)
-        absent = [prefix + n for n in names if prefix + n not in state_dict]
-        record = _load_record(missing_keys)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if not absent:
-            record.variational = True
-            missing_keys.extend(key for key in record.taken_as_plain if key not in missing_keys)
-            record.taken_as_plain.clear()
-        elif prefix + "weight" in state_dict and not record.variational:
-            for key in absent:
-                missing_keys.remove(key)
-            record.taken_as_plain.extend(absent)
+        if load_plain_or_variational(state_dict, prefix, names, missing_keys):
             self.reset_variational_parameters()
 
 

@@ -1,4 +1,11 @@
-"""Build a layer with the same geometry as an existing linear or convolutional one."""
+"""The layer kinds vbdropout handles, and a layer built with another one's geometry.
+
+One table for everything that walks a model's weight layers (the compression
+report, shrinking, export, loading initial weights): :data:`WEIGHT_LAYERS` are
+the layers whose ``weight`` counts, :func:`is_plain_conv` says whether a
+convolution has the geometry the shrinking and the exporters' sparse formats
+take (one group, zero padding given as numbers).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,20 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["layer_like"]
+__all__ = ["WEIGHT_LAYERS", "is_plain_conv", "layer_like"]
+
+#: The layers whose ``weight`` is a network weight (and subclasses: the vbdropout layers).
+WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def is_plain_conv(module: nn.modules.conv._ConvNd) -> bool:
+    """One group and zero padding given as numbers (not ``"same"``/``"valid"``)."""
+    return (
+        module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
 
 _PLAIN_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 

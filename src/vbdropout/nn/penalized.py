@@ -29,9 +29,15 @@ from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
 
 from .base import VariationalModule
-from .geometry import layer_like
+from .prunable import PrunableWeight, Threshold
 
-__all__ = ["MaskedWeight", "PenalizedWeight", "check_dataset_size", "check_nonnegative"]
+__all__ = [
+    "LearnedMask",
+    "MaskedWeight",
+    "PenalizedWeight",
+    "check_dataset_size",
+    "check_nonnegative",
+]
 
 
 def check_nonnegative(value: float, name: str) -> float:
@@ -57,7 +63,7 @@ def check_dataset_size(dataset_size: int | None, needed_for: str | None) -> int 
     return dataset_size
 
 
-class PenalizedWeight(VariationalModule):
+class PenalizedWeight(PrunableWeight, VariationalModule):
     """Mixin for a torch ``Linear``/``ConvNd`` trained with a penalty; see the module docstring.
 
     Subclasses combine it with the torch layer (``class L(Mixin, nn.Linear)``) and
@@ -105,8 +111,15 @@ class PenalizedWeight(VariationalModule):
 
     # ----------------------------------------------------------- the weights
 
-    def masked_weight(self) -> Tensor:
+    def keep_mask(self, threshold: Threshold = "own") -> Tensor:
+        """The weights evaluation keeps: all of them here. A learned mask has no
+        threshold to ask at, so only ``"own"`` and ``None`` (keep all) are accepted."""
+        self._no_threshold(threshold)
+        return torch.ones_like(self.weight, dtype=torch.bool)
+
+    def masked_weight(self, threshold: Threshold = "own") -> Tensor:
         """The weight the evaluation forward uses (``weight`` itself here)."""
+        self._no_threshold(threshold)
         return self.weight
 
     def training_weight(self) -> Tensor:
@@ -122,15 +135,6 @@ class PenalizedWeight(VariationalModule):
             return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
         return nn.functional.linear(x, weight, bias)
 
-    @torch.no_grad()
-    def deterministic(self) -> nn.Module:
-        """The plain torch layer holding :meth:`masked_weight` (what evaluation computes)."""
-        plain = layer_like(self)
-        plain.weight.copy_(self.masked_weight())
-        if self.bias is not None:
-            plain.bias.copy_(self.bias)
-        return plain.eval()
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_decay={self.weight_decay}"
 
@@ -145,19 +149,42 @@ class PenalizedWeight(VariationalModule):
         error_msgs: list[str],
     ) -> None:
         """Also accept a plain layer's state_dict: the optional entries keep their values."""
-        optional = [prefix + n for n in self.optional_state]
-        plain = prefix + "weight" in state_dict and not any(k in state_dict for k in optional)
+        plain = self._is_plain_state(state_dict, prefix)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         if plain:
-            for key in optional:
+            for key in (prefix + n for n in self.optional_state):
                 if key in missing_keys:
                     missing_keys.remove(key)
-        self._after_load()
+        self._after_load(plain)
 
-    def _after_load(self) -> None:
-        """Restore the layer's invariants after a state_dict was loaded."""
+    def _is_plain_state(self, state_dict: dict[str, Any], prefix: str) -> bool:
+        """Whether ``state_dict`` holds a plain layer's state: the weight, no optional entry."""
+        optional = (prefix + n for n in self.optional_state)
+        return prefix + "weight" in state_dict and not any(k in state_dict for k in optional)
+
+    def _after_load(self, plain: bool) -> None:
+        """Restore the layer's invariants after a state_dict (a plain one if ``plain``) loaded."""
+
+
+class LearnedMask(PenalizedWeight):
+    """A :class:`PenalizedWeight` whose evaluation uses ``weight · mask`` for a binary
+    ``mask`` buffer (1 = kept) that training sets; subclasses register the buffer."""
+
+    mask: Tensor
+
+    def keep_mask(self, threshold: Threshold = "own") -> Tensor:
+        """``mask`` as booleans ("own"), or every weight (``None``)."""
+        self._no_threshold(threshold)
+        if threshold is None:
+            return torch.ones_like(self.weight, dtype=torch.bool)
+        return self.mask != 0
+
+    def masked_weight(self, threshold: Threshold = "own") -> Tensor:
+        """``weight · mask`` ("own"), or ``weight`` itself (``None``)."""
+        self._no_threshold(threshold)
+        return self.weight if threshold is None else self.weight * self.mask
 
 
 # Every live MaskedWeight; the optimizer hook below re-applies their masks.
@@ -176,7 +203,7 @@ def _reapply_masks(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
 register_optimizer_step_post_hook(_reapply_masks)
 
 
-class MaskedWeight(PenalizedWeight):
+class MaskedWeight(LearnedMask):
     """A :class:`PenalizedWeight` with a binary ``mask`` buffer (1 = kept, 0 = pruned).
 
     The forward pass uses ``weight · mask``, so the gradient of a pruned weight
@@ -199,10 +226,6 @@ class MaskedWeight(PenalizedWeight):
         super().__setstate__(state)
         _MASKED.add(self)
 
-    def masked_weight(self) -> Tensor:
-        """``weight · mask``."""
-        return self.weight * self.mask
-
     @torch.no_grad()
     def apply_mask_(self) -> None:
         """Set the pruned entries of ``weight`` to exactly zero."""
@@ -223,5 +246,5 @@ class MaskedWeight(PenalizedWeight):
         """Number of weights the mask keeps."""
         return int(self.mask.count_nonzero())
 
-    def _after_load(self) -> None:
+    def _after_load(self, plain: bool) -> None:
         self.apply_mask_()

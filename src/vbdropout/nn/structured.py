@@ -29,15 +29,19 @@ from torch import Tensor, nn
 from torch.special import log_ndtr, ndtr, ndtri
 
 from ..priors import THETA_EPS, Prior, get_prior
-from .base import VariationalModule, state_key
+from .base import VariationalModule
 from .deterministic import Scale
-from .gaussian import _validate_threshold
+from .prunable import UNIT_THRESHOLD, Prunable, Threshold, check_log_alpha_threshold, eval_cached
 
 __all__ = ["StructuredBayesianPruning", "StructuredVBD", "UnitNoise"]
 
 
-class UnitNoise(VariationalModule):
-    """Base: one multiplicative variable per unit along dim 1 of (N, C, ...) or (N, C) inputs."""
+class UnitNoise(Prunable, VariationalModule):
+    """Base: one multiplicative variable per unit along dim 1 of (N, C, ...) or (N, C) inputs.
+
+    Subclasses give :meth:`keep_mask` (which units survive at a threshold) and
+    :meth:`posterior_mean`; the evaluation multiplier is their product.
+    """
 
     check_inputs: bool = True
 
@@ -47,12 +51,17 @@ class UnitNoise(VariationalModule):
             raise ValueError(f"num_units must be positive, got {num_units}")
         self.num_units = num_units
 
-    def keep_mask(self) -> Tensor:
-        """Boolean mask of the units that survive pruning."""
+    def posterior_mean(self) -> Tensor:
+        """E[W'] of every unit."""
         raise NotImplementedError
 
-    def multiplier(self) -> Tensor:
-        """The deterministic per-unit multiplier used in evaluation (0 for pruned units)."""
+    def multiplier(self, threshold: Threshold = "own") -> Tensor:
+        """The deterministic per-unit multiplier of evaluation: E[W'], 0 for the units
+        pruned at ``threshold``."""
+        return self.posterior_mean() * self.keep_mask(threshold)
+
+    def own_threshold(self) -> float | None:
+        """The cut the layer was built with (what ``"own"`` means)."""
         raise NotImplementedError
 
     def sample(self, batch: int) -> Tensor:
@@ -60,9 +69,9 @@ class UnitNoise(VariationalModule):
         raise NotImplementedError
 
     @torch.no_grad()
-    def deterministic(self) -> nn.Module:
-        """The evaluation-time equivalent: a fixed per-unit scale."""
-        return Scale(self.multiplier())
+    def deterministic(self, threshold: Threshold = "own") -> nn.Module:
+        """The evaluation-time equivalent: a fixed per-unit scale (units cut at ``threshold``)."""
+        return Scale(self.multiplier(threshold))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.check_inputs and (x.dim() < 2 or x.shape[1] != self.num_units):
@@ -76,20 +85,10 @@ class UnitNoise(VariationalModule):
         return x * self._eval_multiplier().view(view)
 
     def _eval_multiplier(self) -> Tensor:
-        """:meth:`multiplier`, cached across evaluation forwards without autograd.
-
-        Keyed on the parameters' state (:func:`~.base.state_key`) and on the
-        pruning thresholds.
-        """
-        if torch.is_grad_enabled():
-            return self.multiplier()
-        key = state_key(self.parameters(recurse=False))
-        key += (getattr(self, "threshold", None), getattr(self, "snr_threshold", None))
-        cached = self.__dict__.get("_eval_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, self.multiplier())
-            self.__dict__["_eval_cache"] = cached
-        return cached[1]
+        """:meth:`multiplier`, cached across evaluation forwards (:func:`.eval_cached`)."""
+        return eval_cached(
+            self, self.multiplier, self.parameters(recurse=False), self.own_threshold()
+        )
 
     def extra_repr(self) -> str:
         return f"num_units={self.num_units}"
@@ -104,17 +103,19 @@ class StructuredVBD(UnitNoise):
         their multiplier is zero, so only the KL acts on them and they stay pruned).
     """
 
+    threshold_option = "unit_threshold"
+
     def __init__(
         self,
         num_units: int,
         prior: str | Prior = "hierarchical",
-        threshold: float | None = 0.0,
+        threshold: float | None = UNIT_THRESHOLD,
         init_log_sigma2: float = -9.0,
         train_clip: bool = False,
     ) -> None:
         super().__init__(num_units)
         self.prior = get_prior(prior)
-        self.threshold = _validate_threshold(threshold)
+        self.threshold = check_log_alpha_threshold(threshold)
         self.init_log_sigma2 = init_log_sigma2
         self.train_clip = train_clip
         self.theta = nn.Parameter(torch.empty(num_units))
@@ -140,21 +141,35 @@ class StructuredVBD(UnitNoise):
         cap = self.prior.max_log_alpha
         return raw if cap is None else raw.clamp_max(cap)
 
-    def keep_mask(self) -> Tensor:
-        if self.threshold is None:
-            return torch.ones_like(self.theta, dtype=torch.bool)
-        return self.log_alpha <= self.threshold
+    def own_threshold(self) -> float | None:
+        return self.threshold
 
-    def multiplier(self) -> Tensor:
-        return self.theta * self.keep_mask()
+    def keep_mask(self, threshold: Threshold = "own") -> Tensor:
+        """Units with log α ≤ ``threshold`` ("own": :attr:`threshold`; ``None``: all)."""
+        cut = check_log_alpha_threshold(self.threshold if threshold == "own" else threshold)  # type: ignore[arg-type]
+        if cut is None:
+            return torch.ones_like(self.theta, dtype=torch.bool)
+        return self.log_alpha <= cut
+
+    def posterior_mean(self) -> Tensor:
+        return self.theta
 
     def sample(self, batch: int) -> Tensor:
         theta, sigma = self.theta, torch.exp(0.5 * self.log_sigma2)
-        if self.mc or self.train_clip:
+        if self.mc or self.train_clip:  # where, not a product: a pruned unit's σ may be inf
             mask = self.keep_mask()
-            theta, sigma = theta * mask, sigma * mask
+            theta, sigma = theta * mask, torch.where(mask, sigma, 0.0)
         eps = torch.randn(batch, self.num_units, device=theta.device, dtype=theta.dtype)
         return theta + sigma * eps
+
+    def variance_overflows(self) -> Tensor:
+        """Whether a unit that training samples has σ = exp(½·log σ²) = inf. With
+        ``train_clip`` only kept units are sampled (log α ≤ threshold, σ finite): never.
+        Without it, a unit that the KL has long pruned can get there in a very long run."""
+        if self.train_clip:
+            return torch.zeros((), dtype=torch.bool, device=self.theta.device)
+        limit = 2 * math.log(torch.finfo(self.log_sigma2.dtype).max)
+        return self.log_sigma2.detach().amax() > limit
 
     def kl(self) -> Tensor:
         """Σ over units of the prior's KL at the unclipped log α (½·log(1 + 1/α) for VBD)."""
@@ -237,11 +252,17 @@ class StructuredBayesianPruning(UnitNoise):
         m1, m2 = self._log_moments()
         return torch.rsqrt(torch.expm1((m2 - 2 * m1).clamp_min(1e-30)))
 
-    def keep_mask(self) -> Tensor:
-        return self.snr() > self.snr_threshold
+    def own_threshold(self) -> float:
+        return self.snr_threshold
 
-    def multiplier(self) -> Tensor:
-        return self._log_moments()[0].exp() * self.keep_mask()
+    def keep_mask(self, threshold: Threshold = "own") -> Tensor:
+        """Units whose SNR exceeds ``threshold`` ("own": :attr:`snr_threshold`; ``None``: all)."""
+        if threshold is None:
+            return torch.ones_like(self.mu, dtype=torch.bool)
+        return self.snr() > (self.snr_threshold if threshold == "own" else threshold)
+
+    def posterior_mean(self) -> Tensor:
+        return self._log_moments()[0].exp()
 
     def sample(self, batch: int) -> Tensor:
         mu, sigma, alpha, beta = self._standardized()

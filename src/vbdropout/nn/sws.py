@@ -51,7 +51,6 @@ that collapsed onto each other; merging does not change the quantized values
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -191,6 +190,10 @@ class MixturePrior(VariationalModule):
         """The first epoch (from 0) of a run of ``epochs`` in which the prior acts."""
         return 0 if self.start == 0 else epoch_at(self.start, epochs) + 1
 
+    def deterministic(self) -> None:
+        """Not part of the evaluation computation (the layers hold their weights)."""
+        return None
+
     def on_epoch_end(self, epoch: int, epochs: int) -> None:
         """Switch the prior on from :meth:`start_epoch` on."""
         self.active.fill_(epoch + 1 >= self.start_epoch(epochs))
@@ -307,23 +310,15 @@ class SoftSharedWeight(PenalizedWeight):
         self.prior = prior if prior is not None else MixturePrior()
         self.quantize_at_end = bool(quantize_at_end)
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        """A plain layer's state (a trained net to retrain, as Ullrich et al. do) also widens
-        the prior's means to cover the loaded weights (:meth:`MixturePrior.cover`)."""
-        plain = not any(k.startswith(prefix + "prior.") for k in state_dict)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if plain and prefix + "weight" in state_dict:
+    def _is_plain_state(self, state_dict: dict[str, Any], prefix: str) -> bool:
+        """The weight without any entry of the prior (a trained plain net to retrain)."""
+        prior = prefix + "prior."
+        return prefix + "weight" in state_dict and not any(k.startswith(prior) for k in state_dict)
+
+    def _after_load(self, plain: bool) -> None:
+        """After a plain layer's state (as Ullrich et al. retrain a trained net), widen the
+        prior's means to cover the loaded weights (:meth:`MixturePrior.cover`)."""
+        if plain:
             self.prior.cover(float(self.weight.detach().abs().max()))
 
     def penalty(self) -> Tensor:
@@ -356,11 +351,6 @@ def quantize(model: nn.Module) -> nn.Module:
         if isinstance(module, SoftSharedWeight):
             module.quantize_()
     return model
-
-
-def weights_of(model: nn.Module) -> Iterable[Tensor]:
-    """The weights of the soft weight-sharing layers of ``model``."""
-    return (m.weight for m in model.modules() if isinstance(m, SoftSharedWeight))
 
 
 class LinearSWS(SoftSharedWeight, nn.Linear):

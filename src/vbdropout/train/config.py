@@ -14,6 +14,7 @@ from typing import Any
 
 from ..data import DATASETS, INPUT_SCALINGS
 from ..models import METHODS, MODELS
+from ..nn.prunable import LOG_ALPHA_THRESHOLD, UNIT_THRESHOLD
 from .protocols import PROTOCOLS
 
 if sys.version_info >= (3, 11):
@@ -52,8 +53,8 @@ class TrainConfig:
     device: str = "auto"
     data_dir: str | None = None
     train_subset: int | None = None
-    log_alpha_threshold: float = 3.0  # weight layers: prune a weight when log α > this
-    unit_threshold: float = 0.0  # structured VBD: keep a unit while log α <= this
+    log_alpha_threshold: float = LOG_ALPHA_THRESHOLD  # weight layers: prune when log α > this
+    unit_threshold: float = UNIT_THRESHOLD  # structured VBD: keep a unit while log α <= this
     train_clip: bool = False
     input_scaling: str = "standardize"  # or "unit": pixels in [0, 1] (blank pixels exactly 0)
     init: str | None = None

@@ -13,8 +13,7 @@ from torch import Tensor, nn
 
 from ..data import iterate_batches
 from ..losses import ElboTerms, elbo_terms
-from ..nn.base import mc_sampling
-from ..nn.gaussian import GaussianWeight
+from ..nn.base import VariationalModule, mc_sampling
 
 __all__ = ["DivergenceError", "evaluate", "make_adam", "train_epoch"]
 
@@ -106,12 +105,16 @@ def _checked_step(
         raise DivergenceError(
             f"{where}: parameter {bad} became NaN/inf in the update (learning rate too large?)"
         )
-    gaussian = [(name, m) for name, m in model.named_modules() if isinstance(m, GaussianWeight)]
-    if gaussian:  # finite parameters can still imply σ² = exp(log σ²) = inf
-        overflows = torch.stack([m.sigma2_overflows() for _, m in gaussian])
+    flagged = [
+        (name, flag)
+        for name, m in model.named_modules()
+        if isinstance(m, VariationalModule) and (flag := m.variance_overflows()) is not None
+    ]
+    if flagged:  # finite parameters can still imply σ² = exp(log σ²) = inf
+        overflows = torch.stack([flag for _, flag in flagged])
         if bool(overflows.any()):  # one sync
             flags = overflows.tolist()
-            bad = next(name for (name, _), flag in zip(gaussian, flags, strict=True) if flag)
+            bad = next(name for (name, _), flag in zip(flagged, flags, strict=True) if flag)
             raise DivergenceError(
                 f"{where}: the update made {bad}.sigma2 = exp(log σ²) overflow to inf "
                 f"(learning rate too large?)"

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..io import CheckpointError, load_checkpoint
 from ..nn.gaussian import GaussianWeight
+from ..nn.geometry import WEIGHT_LAYERS
 from .config import ConfigError, TrainConfig, upgrade_saved
 from .schedules import lr_factor
 
@@ -187,7 +188,6 @@ def checkpoint_file(path: str | os.PathLike[str]) -> Path:
     return Path(path) / "checkpoint.pt" if Path(path).is_dir() else Path(path)
 
 
-_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _VARIANCE_NAMES = ("log_sigma2", "log_alpha_param")  # the variational entries of GaussianWeight
 
 
@@ -210,7 +210,7 @@ def load_init(model: nn.Module, path: str) -> None:
         if not _is_state_dict(state) or any(k.endswith(_VARIANCE_NAMES) for k in state):
             raise  # not weights, or a variational state_dict that does not fit: no guessing
     weights = [(k, v) for k, v in state.items() if k.endswith("weight") and v.dim() >= 2]
-    layers = [m for m in model.modules() if isinstance(m, _WEIGHT_LAYERS)]
+    layers = [m for m in model.modules() if isinstance(m, WEIGHT_LAYERS)]
     shapes = [tuple(v.shape) for _, v in weights]
     wanted = [tuple(m.weight.shape) for m in layers]
     if shapes != wanted:

@@ -1,0 +1,144 @@
+"""The pruning contract: which elements of a layer survive, asked at a threshold.
+
+Every layer that drops weights or units at evaluation is a :class:`Prunable`:
+``keep_mask(threshold)`` answers which of its elements survive. The threshold is
+a query argument, so code that reports, exports or shrinks a model at another
+operating point passes it down instead of changing the layers:
+
+- ``"own"`` (the default) — the cut the layer was built with (its ``threshold``);
+- a number — that cut, in the layer's own unit (log α for the Gaussian layers);
+- ``None`` — keep everything.
+
+Layers whose mask is learned in training (pruning, DNS, SSL) have no threshold
+to ask at: they answer ``"own"`` and ``None`` and refuse a number.
+
+A model mixes layers whose thresholds mean different things (a weight's log α,
+a unit's log α). Functions that take a whole model (:func:`~vbdropout.compress.
+compression_report`, :func:`~vbdropout.nn.deterministic.to_deterministic`,
+:func:`~vbdropout.compress.shrink`, export) take one keyword per meaning,
+named as in the run configuration: ``log_alpha_threshold`` and
+``unit_threshold``; :func:`threshold_for` picks a layer's own from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..priors import LOG_ALPHA_RANGE
+from .base import state_key
+from .geometry import layer_like
+
+__all__ = [
+    "LOG_ALPHA_THRESHOLD",
+    "UNIT_THRESHOLD",
+    "Prunable",
+    "PrunableWeight",
+    "Threshold",
+    "check_log_alpha_threshold",
+    "eval_cached",
+    "threshold_for",
+]
+
+#: A weight is pruned when its log α exceeds this (the sparse VD default: α > e³ ≈ 20).
+LOG_ALPHA_THRESHOLD = 3.0
+#: A structured VBD unit is kept while its log α is at most this (the authors' cut, α ≤ 1).
+UNIT_THRESHOLD = 0.0
+
+Threshold = float | None | Literal["own"]
+
+
+def check_log_alpha_threshold(threshold: float | None, name: str = "threshold") -> float | None:
+    """``threshold`` as a float inside :data:`~vbdropout.priors.LOG_ALPHA_RANGE`, or ``None``."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"{name} must be a number or None, got {type(threshold).__name__}")
+    low, high = LOG_ALPHA_RANGE
+    if not low <= threshold <= high:  # also rejects NaN
+        raise ValueError(
+            f"{name} is a log α value and must lie in the clip range [{low}, {high}], "
+            f"got {threshold}; use None to disable pruning"
+        )
+    return float(threshold)
+
+
+class Prunable:
+    """Mixin declared by every layer that drops elements (weights or units) at evaluation.
+
+    ``threshold_option`` names the keyword (:func:`threshold_for`) by which
+    whole-model functions pass this kind of layer a threshold; ``None`` when the
+    layer has no threshold to ask at.
+    """
+
+    threshold_option: ClassVar[str | None] = None
+
+    def keep_mask(self, threshold: Threshold = "own") -> Tensor:
+        """Boolean mask of the elements that survive at ``threshold`` (see the module doc)."""
+        raise NotImplementedError
+
+    def deterministic(self, threshold: Threshold = "own") -> nn.Module:
+        """The plain module computing this layer's evaluation output with the elements
+        pruned at ``threshold`` dropped."""
+        raise NotImplementedError
+
+    def _no_threshold(self, threshold: Threshold) -> None:
+        """Refuse a numeric threshold: this layer's mask is learned, not cut."""
+        if threshold not in ("own", None):
+            raise ValueError(
+                f"{type(self).__name__} learns its mask in training and has no threshold; "
+                f"got threshold={threshold!r} (use 'own' or None)"
+            )
+
+
+class PrunableWeight(Prunable):
+    """A :class:`Prunable` masking its ``weight``; evaluation uses :meth:`masked_weight`."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def masked_weight(self, threshold: Threshold = "own") -> Tensor:
+        """The weight evaluation uses, with the weights pruned at ``threshold`` set to zero."""
+        return self.weight * self.keep_mask(threshold)
+
+    @torch.no_grad()
+    def deterministic(self, threshold: Threshold = "own") -> nn.Module:
+        """The plain torch layer (same geometry) holding :meth:`masked_weight` and the bias."""
+        plain = layer_like(self)  # type: ignore[arg-type]
+        plain.weight.copy_(self.masked_weight(threshold))
+        if self.bias is not None:
+            plain.bias.copy_(self.bias)
+        return plain.eval()
+
+
+def threshold_for(module: Prunable, thresholds: Mapping[str, Threshold]) -> Threshold:
+    """The threshold ``thresholds`` gives ``module`` by its ``threshold_option`` ("own" if none)."""
+    unknown = set(thresholds) - {"log_alpha_threshold", "unit_threshold"}
+    if unknown:
+        raise TypeError(f"unknown threshold keyword(s): {', '.join(sorted(unknown))}")
+    if module.threshold_option is None:
+        return "own"
+    return thresholds.get(module.threshold_option, "own")
+
+
+def eval_cached(
+    module: nn.Module, compute: Callable[[], Tensor], tensors: Iterable[Tensor], *extra: object
+) -> Tensor:
+    """``compute()``, reused across evaluation forwards while nothing it reads has changed.
+
+    With autograd on it is always recomputed. Otherwise the value is kept on the
+    module under the key of ``tensors``' state (:func:`~.base.state_key`: an
+    optimizer step or ``load_state_dict`` changes it) and ``extra`` (e.g. the
+    layer's thresholds).
+    """
+    if torch.is_grad_enabled():
+        return compute()
+    key = (*state_key(tensors), *extra)
+    cached = module.__dict__.get("_eval_cache")
+    if cached is None or cached[0] != key:
+        cached = (key, compute())
+        module.__dict__["_eval_cache"] = cached
+    return cached[1]
