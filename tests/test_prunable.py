@@ -2,13 +2,17 @@
 functions take thresholds as arguments without changing the model."""
 
 import copy
+import json
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from vbdropout import LinearVBD, compression_report
+from vbdropout.cli import main
 from vbdropout.compress.shrink import neurons_per_layer, shrink
 from vbdropout.data import Dataset
 from vbdropout.models import build_model
@@ -18,7 +22,8 @@ from vbdropout.nn.deterministic import to_deterministic
 from vbdropout.nn.prunable import Prunable, PrunableWeight, threshold_for
 from vbdropout.nn.structured import StructuredBayesianPruning, StructuredVBD
 from vbdropout.train.config import TrainConfig, resolve_config
-from vbdropout.train.trainer import build_run_model
+from vbdropout.train.loop import evaluate
+from vbdropout.train.runs import build_run_model, load_run
 
 
 def spread_layer(seed=0):
@@ -152,3 +157,43 @@ def test_unknown_threshold_keyword_is_refused():
         warnings.simplefilter("error")
         with pytest.raises(TypeError, match="rms_threshold"):
             threshold_for(spread_layer(), {"rms_threshold": 1.0})
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "v0"
+
+
+def _json_of(capsys, argv):
+    assert main(argv) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out.splitlines()[-1])
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(
+    ("method", "flag", "keyword", "cut"),
+    [
+        ("vbd", "--log-alpha-threshold", "log_alpha_threshold", -6.0),
+        ("vbd_structured", "--unit-threshold", "unit_threshold", -9.2),
+    ],
+)
+def test_eval_and_compress_take_a_threshold_without_touching_the_run(
+    method, flag, keyword, cut, tmp_path, capsys
+):
+    pytest.importorskip("safetensors")
+    run = Path(shutil.copytree(FIXTURES / method, tmp_path / method))
+    checkpoint = (run / "checkpoint.pt").read_bytes()
+    model, data, _ = load_run(run)
+    expected = evaluate(to_deterministic(model, **{keyword: cut}), data.test_x, data.test_y)
+    own = _json_of(capsys, ["eval", str(run), "--json"])
+    at_cut = _json_of(capsys, ["eval", str(run), flag, str(cut), "--mc-samples", "2", "--json"])
+    assert at_cut[keyword] == cut and own[keyword] == "own"
+    assert at_cut["test_error"] == pytest.approx(expected["error"])
+    assert at_cut["test_error"] != own["test_error"]  # the cut matters for this run
+    report = _json_of(
+        capsys, ["compress", str(run), "--out", str(tmp_path / "x"), flag, str(cut), "--json"]
+    )
+    assert report["weights"]["nonzero"] == compression_report(model, **{keyword: cut}).nonzero
+    assert (run / "checkpoint.pt").read_bytes() == checkpoint
+    bad = "50" if keyword == "log_alpha_threshold" else "inf"  # weights' log α lies in [−8, 8]
+    assert main(["eval", str(run), flag, bad]) == 1
+    err = capsys.readouterr().err
+    assert "log α" in err and len(err.strip().splitlines()) == 1

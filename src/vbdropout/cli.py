@@ -149,7 +149,9 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
 def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .train.runs import evaluate_run
 
-    result = evaluate_run(args.run, args.mc_samples, args.data_dir, args.device)
+    result = evaluate_run(
+        args.run, args.mc_samples, args.data_dir, args.device, **_thresholds(args)
+    )
     if not args.json:
         lines = [f"{result['model']}/{result['method']} on {result['dataset']}"]
         lines.append(
@@ -199,7 +201,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         model, data, config = load_run(args.run, args.data_dir)
         source = {"run": str(args.run), "model": config.model, "method": config.method}
         shape, mean, std = data.input_shape, data.mean, data.std
-    report = export_compressed(model, args.out, shape, mean, std, source)
+    report = export_compressed(model, args.out, shape, mean, std, source, **_thresholds(args))
     if not args.json:
         print(format_report(report), end="")
         print(f"files written to {args.out}")
@@ -393,6 +395,30 @@ def _add_download_parser(sub: Any) -> None:
     download.set_defaults(run_command=_cmd_download)
 
 
+def _add_cut_options(parser: argparse.ArgumentParser) -> None:
+    """``--log-alpha-threshold``/``--unit-threshold`` of a command that reads a trained run."""
+    parser.add_argument(
+        "--log-alpha-threshold",
+        "--threshold",
+        dest="log_alpha_threshold",
+        type=float,
+        help="cut the weights at this log α instead of the run's own (its trained cut)",
+    )
+    parser.add_argument(
+        "--unit-threshold",
+        type=float,
+        help="structured VBD: cut the units at this log α instead of the run's own",
+    )
+
+
+def _thresholds(args: argparse.Namespace) -> dict[str, float | str]:
+    """The cuts of ``_add_cut_options`` as keyword arguments ("own" where not given)."""
+    return {
+        name: "own" if getattr(args, name) is None else getattr(args, name)
+        for name in ("log_alpha_threshold", "unit_threshold")
+    }
+
+
 def _add_eval_parser(sub: Any) -> None:
     """Add ``vbd eval`` to the subcommands ``sub``."""
     evaluate = sub.add_parser(
@@ -406,6 +432,7 @@ def _add_eval_parser(sub: Any) -> None:
     )
     evaluate.add_argument("--data-dir")
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_cut_options(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object as last line")
     evaluate.set_defaults(run_command=_cmd_eval)
 
@@ -436,6 +463,7 @@ def _add_compress_parser(sub: Any) -> None:
     compress.add_argument(
         "--std", type=_numbers, help="with --factory: input std per channel (recorded)"
     )
+    _add_cut_options(compress)
     compress.add_argument("--json", action="store_true", help="print one JSON object as last line")
     compress.set_defaults(run_command=_cmd_compress)
 

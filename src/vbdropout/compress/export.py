@@ -50,8 +50,10 @@ import torch
 from torch import Tensor, nn
 
 from ..io import atomic_path, atomic_write_bytes, atomic_write_json
+from ..nn.deterministic import to_deterministic
+from ..nn.prunable import Threshold
 from .architecture import architecture_metadata, load_shrunk, safetensors_module
-from .report import compression_report
+from .report import CompressionReport, compression_report
 from .shrink import fold_scales_with_parts, neurons_per_layer, shrink_with_parts
 from .sparse import csr_layers, load_sparse, sparse_tensors
 
@@ -69,9 +71,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Compressed:
-    """A model ready to be written: its masked form and the two forms that are exported."""
+    """A model ready to be written: its weight counts and the two forms that are exported."""
 
-    model: nn.Module  # the masked model (a CPU copy in eval mode)
+    weights: CompressionReport  # of the masked model, at the export's thresholds
     dense: nn.Module  # its noise scales folded into the weights; pruned weights are zeros
     dense_parts: list[str]  # the names of its plain Sequential parts ([""]: the whole model)
     small: nn.Module  # pruned units and channels removed
@@ -213,14 +215,20 @@ def export_compressed(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
     source: dict[str, Any] | None = None,
+    *,
+    log_alpha_threshold: Threshold = "own",
+    unit_threshold: Threshold = "own",
 ) -> dict[str, Any]:
     """Write the files listed in the module docstring; returns the report.
 
     input_shape: one example's shape (e.g. ``(1, 28, 28)``), for tracing and MACs.
     mean, std: the input normalization the model was trained with (recorded only).
+    log_alpha_threshold, unit_threshold: where to cut the weights and the structured
+    units (``"own"``: each layer's own cut; see :mod:`~vbdropout.nn.prunable`).
     """
     out = Path(out_dir)
-    compressed = _compress(model, input_shape)
+    thresholds = {"log_alpha_threshold": log_alpha_threshold, "unit_threshold": unit_threshold}
+    compressed = _compress(model, input_shape, thresholds)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, int] = {}
     skipped: dict[str, str] = {}  # the skippable files not written: why
@@ -238,13 +246,17 @@ def export_compressed(
     return report
 
 
-def _compress(model: nn.Module, input_shape: tuple[int, ...]) -> Compressed:
-    """``model``'s dense and shrunk forms, checked to compute what it computes."""
+def _compress(
+    model: nn.Module, input_shape: tuple[int, ...], thresholds: dict[str, Threshold]
+) -> Compressed:
+    """``model``'s dense and shrunk forms at ``thresholds``, checked to compute what the
+    model pruned at them computes."""
+    weights = compression_report(model, **thresholds)  # validates the thresholds first
     model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where it was
-    dense, dense_parts = fold_scales_with_parts(model)
-    small, small_parts = shrink_with_parts(model)
-    _check_same_function(model, small, input_shape)
-    return Compressed(model, dense, dense_parts, small, small_parts, tuple(input_shape))
+    dense, dense_parts = fold_scales_with_parts(model, **thresholds)
+    small, small_parts = shrink_with_parts(model, **thresholds)
+    _check_same_function(to_deterministic(model, **thresholds), small, input_shape)
+    return Compressed(weights, dense, dense_parts, small, small_parts, tuple(input_shape))
 
 
 def _report(
@@ -254,7 +266,7 @@ def _report(
     source: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The report's entries about the model (all but the files)."""
-    weights = compression_report(c.model)
+    weights = c.weights
     return {
         "source": source or {},
         "input_normalization": {

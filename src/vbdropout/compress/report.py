@@ -20,7 +20,7 @@ from torch import nn
 from ..nn.deterministic import Scale
 from ..nn.gaussian import GaussianWeight
 from ..nn.geometry import WEIGHT_LAYERS
-from ..nn.prunable import PrunableWeight, Threshold, check_log_alpha_threshold, threshold_for
+from ..nn.prunable import PrunableWeight, Threshold, check_thresholds, threshold_for
 from ..nn.structured import UnitNoise
 
 __all__ = ["CompressionReport", "LayerCompression", "compression_report"]
@@ -147,9 +147,7 @@ def compression_report(
         )
         log_alpha_threshold = threshold
     thresholds = {"log_alpha_threshold": log_alpha_threshold, "unit_threshold": unit_threshold}
-    for name, value in thresholds.items():
-        if value != "own":
-            check_log_alpha_threshold(value, name)  # type: ignore[arg-type]
+    check_thresholds(thresholds)
     shown = _common_threshold(model) if log_alpha_threshold == "own" else log_alpha_threshold
     if any(isinstance(m, UnitNoise) for m in model.modules()):
         from .shrink import fold_scales

@@ -22,6 +22,8 @@ named as in the run configuration: ``log_alpha_threshold`` and
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import ClassVar, Literal
 
@@ -39,8 +41,11 @@ __all__ = [
     "PrunableWeight",
     "Threshold",
     "check_log_alpha_threshold",
+    "check_thresholds",
+    "check_unit_threshold",
     "eval_cached",
     "threshold_for",
+    "with_thresholds",
 ]
 
 #: A weight is pruned when its log α exceeds this (the sparse VD default: α > e³ ≈ 20).
@@ -64,6 +69,31 @@ def check_log_alpha_threshold(threshold: float | None, name: str = "threshold") 
             f"got {threshold}; use None to disable pruning"
         )
     return float(threshold)
+
+
+def check_unit_threshold(threshold: float | None, name: str = "threshold") -> float | None:
+    """``threshold`` as a finite float, or ``None``: a unit's log α is not clipped, so any
+    finite cut is meaningful (a structured unit starts near log α = −9)."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"{name} must be a number or None, got {type(threshold).__name__}")
+    if not math.isfinite(threshold):
+        raise ValueError(f"{name} is a log α value and must be finite, got {threshold}")
+    return float(threshold)
+
+
+_CHECKS = {"log_alpha_threshold": check_log_alpha_threshold, "unit_threshold": check_unit_threshold}
+
+
+def check_thresholds(thresholds: Mapping[str, Threshold]) -> None:
+    """Refuse an unknown keyword or a bad value among whole-model ``thresholds``."""
+    unknown = set(thresholds) - set(_CHECKS)
+    if unknown:
+        raise TypeError(f"unknown threshold keyword(s): {', '.join(sorted(unknown))}")
+    for name, value in thresholds.items():
+        if value != "own":
+            _CHECKS[name](value, name)  # type: ignore[arg-type]
 
 
 class Prunable:
@@ -116,12 +146,31 @@ class PrunableWeight(Prunable):
 
 def threshold_for(module: Prunable, thresholds: Mapping[str, Threshold]) -> Threshold:
     """The threshold ``thresholds`` gives ``module`` by its ``threshold_option`` ("own" if none)."""
-    unknown = set(thresholds) - {"log_alpha_threshold", "unit_threshold"}
-    if unknown:
-        raise TypeError(f"unknown threshold keyword(s): {', '.join(sorted(unknown))}")
+    check_thresholds(thresholds)
     if module.threshold_option is None:
         return "own"
     return thresholds.get(module.threshold_option, "own")
+
+
+def with_thresholds(
+    model: nn.Module,
+    *,
+    log_alpha_threshold: Threshold = "own",
+    unit_threshold: Threshold = "own",
+) -> nn.Module:
+    """A deep copy of ``model`` whose layers are built with the given cuts as their own.
+
+    For what needs the stochastic model at another operating point (MC evaluation);
+    deterministic uses pass the thresholds down instead
+    (:func:`~vbdropout.nn.deterministic.to_deterministic`). ``model`` is not changed.
+    """
+    thresholds = {"log_alpha_threshold": log_alpha_threshold, "unit_threshold": unit_threshold}
+    check_thresholds(thresholds)
+    copied = copy.deepcopy(model)
+    for m in copied.modules():
+        if isinstance(m, Prunable) and (cut := threshold_for(m, thresholds)) != "own":
+            m.threshold = cut  # type: ignore[attr-defined]  # the layers with a threshold_option
+    return copied
 
 
 def eval_cached(

@@ -31,7 +31,7 @@ from torch.special import log_ndtr, ndtr, ndtri
 from ..priors import THETA_EPS, Prior, get_prior
 from .base import VariationalModule
 from .deterministic import Scale
-from .prunable import UNIT_THRESHOLD, Prunable, Threshold, check_log_alpha_threshold, eval_cached
+from .prunable import UNIT_THRESHOLD, Prunable, Threshold, check_unit_threshold, eval_cached
 
 __all__ = ["StructuredBayesianPruning", "StructuredVBD", "UnitNoise"]
 
@@ -115,7 +115,7 @@ class StructuredVBD(UnitNoise):
     ) -> None:
         super().__init__(num_units)
         self.prior = get_prior(prior)
-        self.threshold = check_log_alpha_threshold(threshold)
+        self.threshold = check_unit_threshold(threshold)
         self.init_log_sigma2 = init_log_sigma2
         self.train_clip = train_clip
         self.theta = nn.Parameter(torch.empty(num_units))
@@ -146,7 +146,7 @@ class StructuredVBD(UnitNoise):
 
     def keep_mask(self, threshold: Threshold = "own") -> Tensor:
         """Units with log α ≤ ``threshold`` ("own": :attr:`threshold`; ``None``: all)."""
-        cut = check_log_alpha_threshold(self.threshold if threshold == "own" else threshold)  # type: ignore[arg-type]
+        cut = check_unit_threshold(self.threshold if threshold == "own" else threshold)  # type: ignore[arg-type]
         if cut is None:
             return torch.ones_like(self.theta, dtype=torch.bool)
         return self.log_alpha <= cut

@@ -13,6 +13,7 @@ from torch import nn
 from ..data import Dataset, load_dataset
 from ..io import CheckpointError, load_checkpoint
 from ..models import METHODS, build_model
+from ..nn.prunable import Threshold, with_thresholds
 from .config import ConfigError, TrainConfig, check_types
 from .loop import evaluate
 from .state import RUN_KEYS, checkpoint_file, load_model_state, saved_config
@@ -82,14 +83,21 @@ def evaluate_run(
     mc_samples: int = 0,
     data_dir: str | None = None,
     device: str = "auto",
+    *,
+    log_alpha_threshold: Threshold = "own",
+    unit_threshold: Threshold = "own",
 ) -> dict[str, Any]:
     """Deterministic (and MC-averaged) test error, NLL and ECE of a trained run.
 
     The keys are those of every command's JSON (docs/JSON.md): ``test_error``,
     ``test_nll``, ``test_ece`` and, with ``mc_samples``, ``mc_test_error``,
-    ``mc_test_nll``, ``mc_test_ece``.
+    ``mc_test_nll``, ``mc_test_ece``; the thresholds (``"own"``: the run's) say
+    where the weights and units are cut (:mod:`~vbdropout.nn.prunable`).
     """
     model, data, config = load_run(path, data_dir)
+    thresholds = {"log_alpha_threshold": log_alpha_threshold, "unit_threshold": unit_threshold}
+    if any(value != "own" for value in thresholds.values()):
+        model = with_thresholds(model, **thresholds)
     target = resolve_device(device)
     result = evaluate(
         model.to(target), data.test_x.to(target), data.test_y.to(target), mc_samples=mc_samples
@@ -102,5 +110,6 @@ def evaluate_run(
         "method": config.method,
         "dataset": config.dataset,
         "mc_samples": mc_samples,
+        **thresholds,
         **scores,
     }
