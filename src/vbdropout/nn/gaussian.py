@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from .. import kernels
 from ..priors import LOG_ALPHA_RANGE, THETA_EPS, Prior, get_prior
 from .base import VariationalModule, standard_normal_like, state_key
+from .geometry import conv_forward
 from .plain_state import load_plain_or_variational
 from .prunable import (
     LOG_ALPHA_THRESHOLD,
@@ -358,27 +359,7 @@ class _ConvGaussianWeight(GaussianWeight):
     _spatial_dims: int
 
     def _apply_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if weight.shape[0] == 0 or weight.shape[1] == 0:
-            return self._conv_with_zero_channels(x, weight, bias)
-        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
-
-    def _conv_with_zero_channels(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """The convolution when a side has no channels, which torch refuses (no output
-        channels) or gets wrong (no input channels: it returns no output channels, not
-        the bias). The empty side gets one zero channel per group, cut off afterwards."""
-        groups = self.groups  # type: ignore[attr-defined]
-        channel = x.dim() - weight.dim() + 1  # 1 for a batch, 0 for one example
-        if weight.shape[1] == 0:
-            shape = list(x.shape)
-            shape[channel] = groups
-            x = torch.cat([x, x.new_zeros(shape)], channel)
-            weight = torch.cat(
-                [weight, weight.new_zeros((weight.shape[0], 1, *weight.shape[2:]))], 1
-            )
-        if weight.shape[0] == 0:
-            weight = torch.cat([weight, weight.new_zeros((groups, *weight.shape[1:]))])
-            return self._conv_forward(x, weight, None).narrow(channel, 0, 0)  # type: ignore[attr-defined]
-        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
+        return conv_forward(self, x, weight, bias)  # type: ignore[arg-type]
 
     def _fusable(self, x: Tensor) -> bool:
         """Batched input, zero padding given as numbers (not ``"same"``/``"valid"``)."""

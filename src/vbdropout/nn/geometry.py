@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-__all__ = ["WEIGHT_LAYERS", "is_plain_conv", "layer_like"]
+__all__ = ["WEIGHT_LAYERS", "conv_forward", "is_plain_conv", "layer_like"]
 
 #: The layers whose ``weight`` is a network weight (and subclasses: the vbdropout layers).
 WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
@@ -59,3 +60,25 @@ def layer_like(module: nn.Module, cls: type[nn.Module] | None = None, **options:
     raise TypeError(
         f"layer_like needs a linear or convolutional layer, got {type(module).__name__}"
     )
+
+
+def conv_forward(
+    module: nn.modules.conv._ConvNd, x: Tensor, weight: Tensor, bias: Tensor | None
+) -> Tensor:
+    """``module``'s convolution of ``x`` with ``weight`` and ``bias``, also when a side has
+    no channels (a shrunk layer), which torch refuses (no output channels) or gets wrong
+    (no input channels: it returns no output channels, not the bias). There the empty
+    side gets one zero channel per group, cut off afterwards."""
+    if weight.shape[0] and weight.shape[1]:
+        return module._conv_forward(x, weight, bias)  # type: ignore[operator]
+    groups = module.groups
+    channel = x.dim() - weight.dim() + 1  # 1 for a batch, 0 for one example
+    if weight.shape[1] == 0:
+        shape = list(x.shape)
+        shape[channel] = groups
+        x = torch.cat([x, x.new_zeros(shape)], channel)
+        weight = torch.cat([weight, weight.new_zeros((weight.shape[0], 1, *weight.shape[2:]))], 1)
+    if weight.shape[0] == 0:
+        weight = torch.cat([weight, weight.new_zeros((groups, *weight.shape[1:]))])
+        return module._conv_forward(x, weight, None).narrow(channel, 0, 0)  # type: ignore[operator]
+    return module._conv_forward(x, weight, bias)  # type: ignore[operator]
