@@ -28,6 +28,7 @@ from torch import nn
 from .compress import compression_report
 from .data import Dataset, load_dataset
 from .models import build_model
+from .nn.base import attach_optimizer
 from .nn.gaussian import GaussianWeight
 from .train.loop import evaluate, make_adam, train_epoch
 from .train.progress import ProgressBar
@@ -48,6 +49,7 @@ def _fit(
 ) -> None:
     """``epochs`` of Adam at ``lr`` (linear decay to 0 over the second half) with KL warm-up."""
     optimizer = make_adam(model.parameters(), lr)
+    attach_optimizer(model, optimizer)
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         for group in optimizer.param_groups:

@@ -15,7 +15,7 @@ Methods (``METHODS``): ``none``; the fixed-rate baselines ``bernoulli``,
 ``sparse_vd_structured`` and ``sbp`` (Neklyudov et al. 2017); the compression
 baselines ``pruning`` (Han et al. 2015), ``dns`` (Guo et al. 2016), ``sws``
 (Ullrich et al. 2017) and ``ssl`` (Wen et al. 2016), whose training events
-run through :func:`vbdropout.nn.schedule.epoch_end`. Methods that
+run through :func:`vbdropout.nn.epoch_hooks.epoch_end`. Methods that
 drop a layer's inputs default to the rates of Srivastava et al.: p = 0.2 on
 the network input, 0.5 on hidden units;
 on a convolution's input the noise is drawn per element (per channel and

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn.schedule import epoch_end
+from ..nn.epoch_hooks import epoch_end
 from .config import TrainConfig
 from .loop import evaluate
 

@@ -43,7 +43,8 @@ from ..io import (
     remove_stale_temp_files,
     save_checkpoint,
 )
-from ..nn.schedule import epoch_end
+from ..nn.base import attach_optimizer
+from ..nn.epoch_hooks import epoch_end
 from . import distributed, rundir
 from .checks import final_epoch_end, run_warnings
 from .config import ConfigError, TrainConfig, resolve_config, to_toml
@@ -284,6 +285,7 @@ def _build(config: TrainConfig, device: torch.device, out: Path, initialize: boo
         torch.manual_seed(config.seed + world.rank)  # independent noise in every worker
         trained = nn.parallel.DistributedDataParallel(model)
     optimizer = make_adam(model.parameters(), config.lr)
+    attach_optimizer(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: lr_factor(e, config.epochs, config.lr_decay_start)
     )
