@@ -42,10 +42,10 @@ RUN_OPTIONS: dict[str, str] = {
 METHODS: dict[str, type[Method]] = {}
 """Every method class by name, in the order they were registered."""
 
-M = TypeVar("M", bound="type[Method]")
+MethodClass = TypeVar("MethodClass", bound="type[Method]")
 
 
-def register(cls: M) -> M:
+def register(cls: MethodClass) -> MethodClass:
     """Class decorator: enter ``cls`` into :data:`METHODS` under ``cls.name``."""
     unknown = sorted(set(cls.run_options) - set(RUN_OPTIONS))
     if unknown:
@@ -125,7 +125,9 @@ class Method:
             f"method {self.name!r} needs the option dataset_size (N, the number of training "
             f"examples){need}, e.g. method_options={{'dataset_size': 60000}}"
         )
-        return check_dataset_size(dataset_size, missing=missing)  # type: ignore[return-value]
+        checked = check_dataset_size(dataset_size, missing=missing)
+        assert checked is not None
+        return checked
 
     def __repr__(self) -> str:
         options = getattr(self, "options", {})

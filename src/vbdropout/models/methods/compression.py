@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 POSITION_KEYS = ("input", "hidden", "output", "conv_input", "conv_hidden", "conv_output")
+"""The layer positions by which a :class:`PerLayerMethod`'s option may be given."""
 
 
 class PerLayerMethod(Method):
