@@ -14,6 +14,7 @@ from torch import nn
 
 from ...nn.gaussian import Conv1dVBD, Conv2dVBD, Conv3dVBD, LinearVBD
 from ...nn.geometry import layer_like
+from ...nn.prunable import LOG_ALPHA_THRESHOLD, UNIT_THRESHOLD
 from ...nn.structured import StructuredBayesianPruning, StructuredVBD
 from .base import Method, Position, register
 
@@ -46,7 +47,9 @@ class GaussianWeightMethod(Method):
     prior: ClassVar[str]
     run_options = ("log_alpha_threshold", "train_clip")
 
-    def __init__(self, log_alpha_threshold: float | None = 3.0, train_clip: bool = False) -> None:
+    def __init__(
+        self, log_alpha_threshold: float | None = LOG_ALPHA_THRESHOLD, train_clip: bool = False
+    ) -> None:
         self.options = {
             "prior": self.prior,
             "threshold": log_alpha_threshold,
@@ -128,7 +131,9 @@ class StructuredVBDMethod(UnitNoiseMethod):
     prior = "hierarchical"
     run_options = ("unit_threshold", "train_clip")
 
-    def __init__(self, unit_threshold: float | None = 0.0, train_clip: bool = False) -> None:
+    def __init__(
+        self, unit_threshold: float | None = UNIT_THRESHOLD, train_clip: bool = False
+    ) -> None:
         self.options = {"prior": self.prior, "threshold": unit_threshold, "train_clip": train_clip}
 
     def unit_noise(self, num_units: int) -> nn.Module:
