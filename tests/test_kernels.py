@@ -17,7 +17,7 @@ import torch
 from scipy import stats
 
 from vbdropout import kernels
-from vbdropout.nn import Conv1dVBD, Conv2dVBD, LinearVBD
+from vbdropout.nn import Conv1dVBD, Conv2dVBD, LinearVBD, attach_optimizer
 from vbdropout.nn.gaussian import _FORWARD_KL
 from vbdropout.priors import HierarchicalPrior, LogUniformPrior
 
@@ -301,8 +301,10 @@ def test_forward_kl_is_handed_out_once_and_only_while_valid():
     torch.save(layer, io.BytesIO())
     assert is_forward_kl(layer.kl())
 
-    # an optimizer step (fused Adam does not bump version counters) invalidates it
+    # a step of the run's optimizer (fused Adam does not bump version counters; the hook of
+    # attach_optimizer, which every training loop of vbdropout attaches, tells) invalidates it
     opt = torch.optim.Adam(layer.parameters(), lr=0.1, fused=True)
+    attach_optimizer(layer, opt)
     layer(x)
     opt.step()
     assert layer.kl().item() == pytest.approx(

@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vbdropout import Conv1dVBD, Conv2dVBD, Conv3dVBD, LinearVBD, mc_sampling
-from vbdropout.nn import LOG_ALPHA_RANGE, StructuredBayesianPruning, StructuredVBD
+from vbdropout.nn import (
+    LOG_ALPHA_RANGE,
+    StructuredBayesianPruning,
+    StructuredVBD,
+    attach_optimizer,
+)
 
 
 def spread_log_sigma2(layer, gen):
@@ -312,6 +317,28 @@ def test_eval_cache_follows_a_fused_optimizer_step(layer_class):
             assert torch.equal(after, F.linear(x, layer.masked_weight(), layer.bias))
         else:
             assert torch.equal(after, x * layer.multiplier())
+
+
+@pytest.mark.parametrize("layer_class", [LinearVBD, StructuredVBD])
+def test_eval_cache_follows_an_attached_fused_optimizer_without_a_mode_switch(layer_class):
+    """Steps taken in eval mode: only the hook of attach_optimizer tells the cache."""
+    torch.manual_seed(7)
+    layer = (layer_class(5, 5) if layer_class is LinearVBD else layer_class(5)).eval()
+    x = torch.randn(4, 5)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.5, fused=True)
+    attach_optimizer(layer, optimizer)
+    with torch.no_grad():
+        before = layer(x)
+    layer(x).pow(2).sum().backward()  # eval mode, with autograd
+    optimizer.step()
+    with torch.no_grad():
+        after = layer(x)
+    expected = (
+        F.linear(x, layer.masked_weight(), layer.bias)
+        if layer_class is LinearVBD
+        else x * layer.multiplier()
+    )
+    assert not torch.equal(after, before) and torch.equal(after, expected)
 
 
 def test_log_alpha_parameterization_learns_log_alpha_per_weight():

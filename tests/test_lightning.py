@@ -21,6 +21,8 @@ from lightning.pytorch.loggers import CSVLogger
 from vbdropout import compression_report, convert
 from vbdropout.integrations.lightning import KLWarmup, VariationalLightningMixin
 from vbdropout.losses import elbo_terms
+from vbdropout.models import build_model, get_method
+from vbdropout.nn import LinearPruning
 from vbdropout.nn.gaussian import GaussianWeight
 from vbdropout.train.schedules import kl_weight
 
@@ -179,3 +181,65 @@ def test_vbdropout_never_needs_lightning():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert 'pip install "vbdropout[lightning]"' in result.stdout
+
+
+class TinyPruning(VariationalLightningMixin, LightningModule):
+    """LeNet-300-100 on 8×8 inputs with Han et al.'s pruning (a schedule-driven method)."""
+
+    def __init__(self, method) -> None:
+        super().__init__()
+        self.net = build_model("lenet300_100", method, input_shape=(1, 8, 8))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.elbo_loss(self.net(x.view(-1, 1, 8, 8)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+@pytest.mark.parametrize("pass_method", [True, False], ids=["method", "default"])
+def test_the_callback_runs_a_methods_schedule(tmp_path, pass_method):
+    seed_everything(0, verbose=False)
+    method = get_method("pruning", sparsity=0.6, prune_at=(0.3, 0.6), dataset_size=N)
+    module = TinyPruning(method)
+    layers = [m for m in module.modules() if isinstance(m, LinearPruning)]
+    trainer = Trainer(
+        max_epochs=EPOCHS,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path),
+        callbacks=[KLWarmup(0, 0, method=method if pass_method else None)],
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader(_data(), batch_size=64))
+    # prune_at 0.3, 0.6 of 3 epochs: after epochs 0 and 1, then one epoch of retraining
+    for layer in layers:
+        pruned = layer.mask == 0
+        assert pruned.float().mean().item() == pytest.approx(0.6, abs=0.01)
+        assert torch.count_nonzero(layer.weight[pruned]) == 0  # Adam's steps left them at 0
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as f:
+        sparsity = [float(r["sparsity"]) for r in csv.DictReader(f) if r["sparsity"]]
+    assert sparsity[0] > 10 and sparsity[2] > sparsity[0]  # pruning steps at the epochs' ends
+    assert sparsity[1] == pytest.approx(sparsity[2])
+    assert not trainer.optimizers[0]._optimizer_step_post_hooks  # removed when fit ended
+
+
+def test_epoch_schedules_need_max_epochs(tmp_path):
+    module = TinyPruning(get_method("pruning", dataset_size=N))
+    trainer = Trainer(
+        max_epochs=-1,
+        max_steps=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[KLWarmup(0, 0)],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(ValueError, match="max_epochs"):
+        trainer.fit(module, DataLoader(_data(), batch_size=64))

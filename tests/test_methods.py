@@ -418,3 +418,31 @@ def test_every_method_learns_mnist_with_lenet300_100(mnist, method):
     if method == "concrete":  # the learned rates moved from their initial 0.1
         rates = [m.p.item() for m in model.modules() if isinstance(m, ConcreteDropout)]
         assert all(abs(r - 0.1) > 1e-3 for r in rates), rates
+
+
+def test_one_registry_checks_what_a_method_declares():
+    from vbdropout.models.methods import RUN_OPTIONS, Method, method_class, register
+
+    assert list(METHODS)[:3] == ["none", "bernoulli", "gaussian"]  # the CLI's listing order
+    assert list(METHODS)[-4:] == ["pruning", "dns", "sws", "ssl"]
+    assert all(method_class(name).name == name for name in METHODS)
+    with pytest.raises(ValueError, match="unknown method 'magic'; known methods: none, "):
+        method_class("magic")
+
+    class Twice(Method):
+        name = "vbd"
+
+    class Odd(Method):
+        name = "odd"
+        run_options = ("threshold",)
+
+    for cls, match in ((Twice, "registered twice"), (Odd, r"unknown run options \['threshold'\]")):
+        with pytest.raises(ValueError, match=match):
+            register(cls)
+    assert "odd" not in METHODS and METHODS["vbd"].__name__ == "VBD"
+    run = {key: object() for key in RUN_OPTIONS}
+    run.update(dataset_size=60, log_alpha_threshold=2.0, train_clip=True, unit_threshold=-1.0)
+    assert method_class("vbd").from_run(run).options["threshold"] == 2.0
+    assert method_class("vbd_structured").from_run(run).options["threshold"] == -1.0
+    assert method_class("concrete").from_run(run).options["dataset_size"] == 60
+    assert repr(method_class("bernoulli").from_run(run)) == "Bernoulli(p=0.5, p_input=0.2)"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,17 +23,20 @@ from vbdropout.compress.shrink import neurons_per_layer, shrink
 from vbdropout.losses import elbo_loss, kl_divergence
 from vbdropout.models import METHODS, build_model, get_method
 from vbdropout.nn import (
+    BernoulliDropout,
     LinearDNS,
     LinearPruning,
     LinearSSL,
     LinearSWS,
     MixturePrior,
+    StochasticModule,
     epoch_end,
     quantize,
     to_deterministic,
 )
+from vbdropout.nn.base import attach_optimizer
+from vbdropout.nn.epoch_hooks import epoch_at
 from vbdropout.nn.penalized import MaskedWeight
-from vbdropout.nn.schedule import epoch_at
 
 NEW = ("pruning", "dns", "sws", "ssl")
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
@@ -55,13 +60,19 @@ def weights(model: nn.Module) -> list[torch.Tensor]:
 def test_epoch_end_calls_each_module_hook_once_with_the_epoch():
     calls = []
 
-    class Hooked(nn.Module):
+    class Hooked(StochasticModule):
+        def on_epoch_end(self, epoch, epochs):
+            calls.append((self, epoch, epochs))
+
+    class DuckTyped(nn.Module):  # not a StochasticModule: no longer found by its method name
         def on_epoch_end(self, epoch, epochs):
             calls.append((self, epoch, epochs))
 
     shared = Hooked()
-    model = nn.Sequential(nn.Sequential(shared), shared, nn.Linear(2, 2), Hooked())
-    epoch_end(model, 3, 10)
+    model = nn.Sequential(
+        nn.Sequential(shared), shared, nn.Linear(2, 2), Hooked(), DuckTyped(), BernoulliDropout(0.5)
+    )
+    epoch_end(model, 3, 10)  # BernoulliDropout: the base's no-op hook
     assert len(calls) == 2 and calls[0][0] is shared and all(c[1:] == (3, 10) for c in calls)
     with pytest.raises(ValueError, match="0 <= epoch < epochs"):
         epoch_end(model, 10, 10)
@@ -102,6 +113,7 @@ def test_han_mask_stays_fixed_and_pruned_weights_exactly_zero_through_optimizer_
     torch.manual_seed(0)
     layer = LinearPruning(20, 10, sparsity=0.75, prune_at=(0.5, 1.0))
     optimizer = make_optimizer(layer.parameters())
+    attach_optimizer(layer, optimizer)
     _regression(layer, 20, optimizer)  # dense training: the optimizer state is nonzero
     before = layer.weight.detach().abs().clone()
 
@@ -125,9 +137,38 @@ def test_han_mask_stays_fixed_and_pruned_weights_exactly_zero_through_optimizer_
     mask = layer.mask.clone()
     _regression(layer, 5, optimizer, check)
 
-    clone = copy.deepcopy(layer)  # copies keep the guarantee
-    _regression(clone, 5, make_optimizer(clone.parameters()))
+    clone = copy.deepcopy(layer)  # copies keep the guarantee with their own optimizer
+    clone_optimizer = make_optimizer(clone.parameters())
+    attach_optimizer(clone, clone_optimizer)
+    _regression(clone, 5, clone_optimizer)
     assert torch.count_nonzero(clone.weight[clone.mask == 0]) == 0
+
+
+def test_the_optimizer_hook_is_per_optimizer_and_importing_vbdropout_adds_none():
+    code = (
+        "import torch, torch.optim.optimizer as o; import vbdropout, vbdropout.models; "
+        "print(len(o._global_optimizer_post_hooks), len(o._global_optimizer_pre_hooks))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "0"]
+
+    torch.manual_seed(0)
+    layer = LinearPruning(20, 10, sparsity=0.5, prune_at=(1.0,))
+    momentum = torch.optim.SGD(layer.parameters(), lr=1e-2, momentum=0.9)
+    _regression(layer, 5, momentum)  # a momentum buffer for every weight
+    layer.on_epoch_end(0, 1)
+    pruned = layer.mask == 0
+    other = copy.deepcopy(layer)
+    other_optimizer = torch.optim.SGD(other.parameters(), lr=1e-2, momentum=0.9)
+    other_optimizer.load_state_dict(momentum.state_dict())
+    handle = attach_optimizer(layer, momentum)
+    _regression(layer, 3, momentum)
+    _regression(other, 3, other_optimizer)  # an unrelated optimizer: a plain SGD step
+    assert torch.count_nonzero(layer.weight[pruned]) == 0
+    assert torch.count_nonzero(other.weight[pruned]) == pruned.sum()  # momentum moved them
+    handle.remove()
+    _regression(layer, 1, momentum)
+    assert torch.count_nonzero(layer.weight[pruned]) == pruned.sum()
 
 
 def test_pruning_state_dict_round_trip_and_plain_init():
@@ -365,6 +406,7 @@ def test_ssl_removes_zero_groups_exactly_and_shrink_drops_those_units():
     assert neurons_per_layer(small) == [684, 160, 100, 10]
     assert torch.allclose(small(x), model.eval()(x), atol=1e-5)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    attach_optimizer(model, optimizer)
     loss = elbo_loss(model.train()(x), torch.zeros(7, dtype=torch.long), model, 1000)
     loss.backward()
     optimizer.step()  # removed groups stay removed

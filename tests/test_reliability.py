@@ -395,8 +395,8 @@ def test_divergence_mid_run_keeps_the_last_good_checkpoint_byte_identical(
     seen: dict[str, bytes] = {}
     build = trainer.build_run_model
 
-    def poisoned_model(config: TrainConfig, data: Any) -> nn.Module:
-        model = build(config, data)
+    def poisoned_model(config: TrainConfig, data: Any, method: Any = None) -> nn.Module:
+        model = build(config, data, method)
         calls = []
 
         def poison(grad: torch.Tensor) -> torch.Tensor:

@@ -190,7 +190,7 @@ def test_init_from_a_plain_run_and_eval_command(tmp_path, shared_data, capsys):
     "argv,match",
     [
         (["train", "--epochs", "0"], "--epochs"),
-        (["train", "--method", "magic"], "invalid choice"),
+        (["train", "--method", "magic"], "unknown method 'magic'"),
         (["train", "--dataset", "imagenet"], "invalid choice"),
     ],
 )

@@ -52,6 +52,16 @@ def _count(text: str) -> int:
     return value
 
 
+def _method(text: str) -> str:
+    """A registered method's name (the registry's check, as an argparse error)."""
+    from .models.methods import method_class
+
+    try:
+        return method_class(text).name
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _seeds(text: str) -> int | range:
     """``N`` (a count: seeds 0..N-1) or ``A-B`` (seeds A..B inclusive, 0 <= A <= B)."""
     first, dash, last = text.partition("-")
@@ -294,7 +304,7 @@ def _add_train_parser(sub: Any) -> None:
         help="pixels standardized per channel, or only scaled to [0, 1] (default standardize)",
     )
     method = train.add_argument_group("method (see the list below and docs/METHODS.md)")
-    method.add_argument("--method", choices=sorted(METHODS), help="method (default vbd)")
+    method.add_argument("--method", type=_method, help="method (default vbd)")
     method.add_argument(
         "--log-alpha-threshold",
         "--threshold",

@@ -18,23 +18,10 @@ from typing import Any
 
 from torch import nn
 
-from .nn.gaussian import Conv1dVBD, Conv2dVBD, Conv3dVBD, GaussianWeight, LinearVBD
-from .nn.geometry import layer_like
+from .models.methods import METHODS, GaussianWeightMethod
+from .nn.gaussian import GaussianWeight
 
 __all__ = ["convert"]
-
-_PRIORS = {"vbd": "hierarchical", "sparse_vd": "log_uniform"}
-_CONV = {nn.Conv1d: Conv1dVBD, nn.Conv2d: Conv2dVBD, nn.Conv3d: Conv3dVBD}
-
-
-def _variational(module: nn.Module, options: dict[str, Any]) -> nn.Module | None:
-    """The variational twin of a plain layer (weights copied), or None if unsupported."""
-    cls = LinearVBD if type(module) is nn.Linear else _CONV.get(type(module))
-    if cls is None:
-        return None
-    new = layer_like(module, cls, **options)
-    new.load_state_dict(module.state_dict())
-    return new.train(module.training)
 
 
 def convert(
@@ -46,15 +33,19 @@ def convert(
 ) -> nn.Module:
     """Replace the linear and convolutional layers of ``model`` by variational ones.
 
-    method: ``vbd`` (hierarchical prior) or ``sparse_vd`` (log-uniform prior).
+    method: ``vbd`` (hierarchical prior) or ``sparse_vd`` (log-uniform prior): the
+        registered Gaussian-weight methods, whose ``twin`` makes each new layer.
     skip: qualified module names to leave alone (a name also skips everything
         below it, e.g. ``"classifier"``), or a predicate ``(name, module) -> bool``.
     inplace: modify ``model`` itself instead of a deep copy.
     layer_options: passed to every new layer (``threshold``, ``train_clip``,
         ``init_log_sigma2``, ``alpha_per``, …).
     """
-    if method not in _PRIORS:
-        raise ValueError(f"convert supports methods {sorted(_PRIORS)}, got {method!r}")
+    cls = METHODS.get(method)
+    if cls is None or not issubclass(cls, GaussianWeightMethod):
+        supported = sorted(n for n, c in METHODS.items() if issubclass(c, GaussianWeightMethod))
+        raise ValueError(f"convert supports methods {supported}, got {method!r}")
+    twins = cls()
     if "prior" in layer_options:
         raise ValueError("the prior comes from `method`; do not pass prior= as well")
     if callable(skip):
@@ -66,12 +57,11 @@ def convert(
             return any(name == n or name.startswith(n + ".") for n in names)
 
     target = model if inplace else copy.deepcopy(model)
-    options = {"prior": _PRIORS[method], **layer_options}
     replaced = 0
     for name, module in list(target.named_modules()):
         if not name or isinstance(module, GaussianWeight) or skipped(name, module):
             continue
-        new = _variational(module, options)
+        new = twins.twin(module, **layer_options)
         if new is None:
             continue
         parent_name, _, child = name.rpartition(".")
@@ -79,7 +69,7 @@ def convert(
         setattr(parent, child, new)  # also right for ModuleList/ModuleDict children
         replaced += 1
     if replaced == 0 and not isinstance(target, GaussianWeight):
-        single = _variational(target, options)
+        single = twins.twin(target, **layer_options)
         if single is not None and not skipped("", target):
             return single
     return target

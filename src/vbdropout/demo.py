@@ -27,7 +27,8 @@ from torch import nn
 
 from .compress import compression_report
 from .data import Dataset, load_dataset
-from .models import build_model
+from .models import Method, build_model, get_method
+from .nn.base import attach_optimizer
 from .nn.gaussian import GaussianWeight
 from .train.loop import evaluate, make_adam, train_epoch
 from .train.progress import ProgressBar
@@ -37,6 +38,7 @@ __all__ = ["format_demo", "plot_demo", "run_demo"]
 
 
 def _fit(
+    method: Method,
     model: nn.Module,
     data: Dataset,
     epochs: int,
@@ -46,8 +48,10 @@ def _fit(
     batch_size: int,
     bar: ProgressBar,
 ) -> None:
-    """``epochs`` of Adam at ``lr`` (linear decay to 0 over the second half) with KL warm-up."""
+    """``epochs`` of Adam at ``lr`` (linear decay to 0 over the second half) with KL warm-up,
+    and ``method``'s training events after every epoch."""
     optimizer = make_adam(model.parameters(), lr)
+    attach_optimizer(model, optimizer)
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         for group in optimizer.param_groups:
@@ -62,6 +66,7 @@ def _fit(
             kl_weight=beta,
             generator=generator,
         )
+        method.epoch_end(model, epoch, epochs)
         bar.update(epoch + 1, f"β {beta:.2f} loss {stats['loss']:.3f}")
     bar.close()
 
@@ -84,16 +89,18 @@ def run_demo(
     data = load_dataset("digits")
     start = time.perf_counter()
     torch.manual_seed(seed)
-    plain = build_model("lenet300_100", "none", input_shape=data.input_shape)
+    none = get_method("none")
+    plain = build_model("lenet300_100", none, input_shape=data.input_shape)
     enabled = None if progress else False
     bar = ProgressBar(pretrain_epochs, "no dropout", enabled=enabled)
-    _fit(plain, data, pretrain_epochs, pretrain_lr, (0, 0), seed, batch_size, bar)
+    _fit(none, plain, data, pretrain_epochs, pretrain_lr, (0, 0), seed, batch_size, bar)
     before = evaluate(plain, data.test_x, data.test_y)
 
-    model = build_model("lenet300_100", "vbd", input_shape=data.input_shape)
+    vbd = get_method("vbd")
+    model = build_model("lenet300_100", vbd, input_shape=data.input_shape)
     model.load_state_dict(plain.state_dict())  # θ = trained weights, log σ² at its init
     bar = ProgressBar(epochs, "       VBD", enabled=enabled)
-    _fit(model, data, epochs, lr, (0, epochs // 2), seed + 1, batch_size, bar)
+    _fit(vbd, model, data, epochs, lr, (0, epochs // 2), seed + 1, batch_size, bar)
     after = evaluate(model, data.test_x, data.test_y)
     report = compression_report(model)
     summary = report.to_dict()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nn.base import VariationalModule
+from .nn.base import VariationalModule, check_dataset_size
 
 __all__ = ["ElboTerms", "elbo_loss", "elbo_terms", "kl_divergence"]
 
@@ -50,8 +50,7 @@ def elbo_terms(
     reduction: Literal["sum", "mean"] = "sum",
 ) -> ElboTerms:
     """Like :func:`elbo_loss`, also returning the mean cross-entropy and the KL."""
-    if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size <= 0:
-        raise ValueError(f"dataset_size must be a positive int, got {dataset_size!r}")
+    check_dataset_size(dataset_size)
     if not (isinstance(kl_weight, (int, float)) and math.isfinite(kl_weight) and kl_weight >= 0):
         raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
     if reduction not in ("sum", "mean"):

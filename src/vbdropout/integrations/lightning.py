@@ -17,8 +17,10 @@ is used when installed, else the standalone ``pytorch_lightning``.
 :class:`VariationalLightningMixin` gives a LightningModule ``self.elbo_loss(logits, y)``,
 the negative ELBO divided by the training-set size N (``elbo_terms(..., reduction="mean")``)
 with the KL weighted by ``self.kl_weight``. :class:`KLWarmup` sets ``kl_weight`` at the start of
-every training epoch from :func:`vbdropout.train.schedules.kl_weight` and logs the
-model's weight sparsity and compression ratio at the end of every training epoch.
+every training epoch from :func:`vbdropout.train.schedules.kl_weight`, runs the method's
+training events at the end of every training epoch (:meth:`Method.epoch_end
+<vbdropout.models.methods.Method.epoch_end>`: pruning, DNS, soft weight-sharing and SSL
+schedules) and then logs the model's weight sparsity and compression ratio.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from torch.utils.data import DataLoader
 
 from ..compress.report import compression_report
 from ..losses import elbo_terms
+from ..models.methods import Method
+from ..nn.base import StochasticModule, attach_optimizer
 from ..nn.prunable import Threshold
 from ..train.schedules import kl_weight as _scheduled_kl_weight
 
@@ -151,12 +155,18 @@ _UNSET: Any = object()  # a deprecated argument not given
 
 
 class KLWarmup(pl.Callback):
-    """Linear KL warm-up, and compression logging, for a LightningModule.
+    """Linear KL warm-up, the method's training events, and compression logging.
 
     At the start of every training epoch e (0-based) sets ``pl_module.kl_weight`` to
     β = 0 for e < start, (e − start) / (end − start) until ``end``, then 1 — the
     schedule of :func:`vbdropout.train.schedules.kl_weight` (the sparse VD protocol
-    uses ``start=5, end=20``). At the end of every training epoch logs
+    uses ``start=5, end=20``; ``start=end=0`` for methods without a KL warm-up, such
+    as the pruning baselines). When fitting starts it hooks the model to the
+    trainer's optimizers (:func:`~vbdropout.nn.base.attach_optimizer`: pruned weights
+    stay zero through their steps). At the end of every training epoch it runs
+    ``method.epoch_end(pl_module, epoch, trainer.max_epochs)`` (``method``: a
+    :class:`~vbdropout.models.methods.Method`, by default the base one, which runs the
+    layers' ``on_epoch_end`` hooks as every built-in method does), then logs
     ``{prefix}sparsity`` (percentage of zero weights) and ``{prefix}compression_ratio``
     (|W| / |W≠0|, ``inf`` when every weight is pruned) from
     :func:`~vbdropout.compress.compression_report` of the LightningModule — or of its
@@ -176,6 +186,7 @@ class KLWarmup(pl.Callback):
         unit_threshold: Threshold = "own",
         module: str | None = None,
         prefix: str = "",
+        method: Method | None = None,
         threshold: Threshold = _UNSET,
     ) -> None:
         super().__init__()
@@ -198,15 +209,37 @@ class KLWarmup(pl.Callback):
         self.unit_threshold = unit_threshold
         self.module = module
         self.prefix = prefix
+        self.method = Method() if method is None else method
+        self._handles: list[Any] = []
 
     def kl_weight(self, epoch: int) -> float:
         """β for the 0-based ``epoch``."""
         return _scheduled_kl_weight(epoch, self.start, self.end)
 
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        scheduled = any(
+            type(m).on_epoch_end is not StochasticModule.on_epoch_end
+            for m in pl_module.modules()
+            if isinstance(m, StochasticModule)
+        )
+        if scheduled and not (trainer.max_epochs or 0) >= 1:
+            raise ValueError(
+                "the model's layers have epoch schedules (fractions of the run), which need "
+                f"Trainer(max_epochs=...), got max_epochs={trainer.max_epochs!r}"
+            )
+        self._handles = [attach_optimizer(pl_module, opt) for opt in trainer.optimizers]
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         pl_module.kl_weight = self.kl_weight(trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if (trainer.max_epochs or 0) >= 1:
+            self.method.epoch_end(pl_module, trainer.current_epoch, trainer.max_epochs)
         if not self.log_compression:
             return
         model = pl_module if self.module is None else pl_module.get_submodule(self.module)

@@ -2,11 +2,12 @@
 and the pruning baselines' layers (with :func:`epoch_end`, their training-event hook)."""
 
 from .adversarial import AdversarialDropout, AdversarialDropoutNet
-from .base import StochasticModule, VariationalModule, mc_sampling
+from .base import StochasticModule, VariationalModule, attach_optimizer, mc_sampling
 from .concrete import ConcreteDropout
 from .deterministic import InputSelect, Scale, to_deterministic
 from .dns import Conv2dDNS, LinearDNS, NetworkSurgery
 from .dropout import BernoulliDropout, GaussianDropout, VariationalGaussianDropout
+from .epoch_hooks import epoch_end
 from .fast_dropout import Conv2dFastDropout, LinearFastDropout
 from .gaussian import (
     LOG_ALPHA_RANGE,
@@ -18,7 +19,6 @@ from .gaussian import (
 )
 from .penalized import MaskedWeight, PenalizedWeight
 from .pruning import Conv2dPruning, LinearPruning, MagnitudePruning
-from .schedule import epoch_end
 from .ssl import Conv2dSSL, GroupLasso, LinearSSL
 from .structured import StructuredBayesianPruning, StructuredVBD, UnitNoise
 from .sws import Conv2dSWS, LinearSWS, MixturePrior, SoftSharedWeight, quantize
@@ -60,6 +60,7 @@ __all__ = [
     "UnitNoise",
     "VariationalGaussianDropout",
     "VariationalModule",
+    "attach_optimizer",
     "epoch_end",
     "mc_sampling",
     "quantize",

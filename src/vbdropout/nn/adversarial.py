@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import VariationalModule
+from .base import VariationalModule, check_dataset_size
 from .deterministic import to_deterministic
 from .dropout import BernoulliDropout
 
@@ -107,8 +107,7 @@ class AdversarialDropoutNet(VariationalModule):
         self, network: nn.Module, dataset_size: int, delta: float = 0.05, lam: float = 1.0
     ) -> None:
         super().__init__()
-        if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
-            raise ValueError(f"dataset_size must be a positive int, got {dataset_size!r}")
+        check_dataset_size(dataset_size)
         if not (isinstance(delta, (int, float)) and 0.0 <= delta <= 1.0):
             raise ValueError(f"delta must be a fraction in [0, 1], got {delta!r}")
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):

@@ -8,27 +8,62 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.hooks import RemovableHandle
 
-_optimizer_steps = [0]  # steps taken by any torch optimizer in this process
-
-
-def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    _optimizer_steps[0] += 1
+# Bumped by every step of an optimizer hooked with attach_optimizer and every train()/eval()
+# of a StochasticModule: the part of state_key that in-place version counters miss.
+_state_changes = [0]
 
 
-register_optimizer_step_post_hook(_count_optimizer_step)
+def attach_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+    """Hook ``model`` to ``optimizer``: after each of its steps, the layers it updated react.
+
+    Every :class:`StochasticModule` of ``model`` holding a parameter of ``optimizer``
+    runs :meth:`~StochasticModule.after_optimizer_step` (a pruned layer zeroes its
+    pruned weights again), and :func:`state_key` changes. Training loops call it once
+    per run with the run's optimizer (the trainer, the demo, the Lightning callback);
+    other optimizers are left alone. The modules are those ``model`` has now.
+    Returns the handle that removes the hook.
+    """
+    modules = [m for m in model.modules() if isinstance(m, StochasticModule)]
+
+    def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        _state_changes[0] += 1
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for module in modules:
+            if any(id(p) in stepped for p in module.parameters(recurse=False)):
+                module.after_optimizer_step()
+
+    return optimizer.register_step_post_hook(after_step)
+
+
+def check_dataset_size(
+    dataset_size: int | None, missing: str | None = None, optional: bool = False
+) -> int | None:
+    """N, the number of training examples, as a positive int, else a ValueError.
+
+    ``None`` is returned as is with ``optional``; else it is an error, with the
+    message ``missing`` where given. The one check of N for layers, methods and losses.
+    """
+    if dataset_size is None and (optional or missing is not None):
+        if optional:
+            return None
+        raise ValueError(missing)
+    if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
+        raise ValueError(f"dataset_size must be a positive int, got {dataset_size!r}")
+    return dataset_size
 
 
 def state_key(tensors: Iterable[Tensor]) -> tuple[int, ...]:
     """A cache key that changes whenever one of ``tensors`` may have changed.
 
-    Made of every tensor's in-place version counter and storage address, and the
-    number of torch optimizer steps taken in this process: torch's fused
-    optimizers (``Adam(fused=True)``) update parameters without bumping their
-    version counters.
+    Made of every tensor's in-place version counter and storage address, and a
+    counter of the steps of the optimizers hooked with :func:`attach_optimizer` and
+    of train/eval switches of stochastic modules: torch's fused optimizers
+    (``Adam(fused=True)``) update parameters without bumping their version counters,
+    so an unhooked one's steps are seen at the model's next ``train()``/``eval()``.
     """
-    key = [_optimizer_steps[0]]
+    key = [_state_changes[0]]
     for t in tensors:
         key += (t._version, t.data_ptr())
     return tuple(key)
@@ -60,6 +95,11 @@ class StochasticModule(nn.Module):
 
     mc: bool = False
 
+    def train(self, mode: bool = True) -> StochasticModule:
+        """``nn.Module.train``; also changes :func:`state_key` (caches are rebuilt)."""
+        _state_changes[0] += 1
+        return super().train(mode)
+
     def sampling(self) -> bool:
         """Whether the forward pass draws noise now (training, or MC evaluation)."""
         return self.training or self.mc
@@ -73,6 +113,18 @@ class StochasticModule(nn.Module):
         raise NotImplementedError(
             f"{type(self).__name__} does not define its evaluation-time equivalent"
         )
+
+    def on_epoch_end(self, epoch: int, epochs: int) -> None:
+        """Training events after epoch ``epoch`` (from 0) of a run of ``epochs``; none here.
+
+        Called by :func:`~vbdropout.nn.epoch_hooks.epoch_end`.
+        """
+
+    def after_optimizer_step(self) -> None:
+        """React to a step of the run's optimizer on this module's parameters; nothing here.
+
+        Called by the hook of :func:`attach_optimizer`.
+        """
 
 
 class VariationalModule(StochasticModule):

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import VariationalModule
+from .base import VariationalModule, check_dataset_size
 from .deterministic import to_deterministic
 from .dropout import check_rate
 
@@ -79,8 +79,7 @@ class ConcreteDropout(VariationalModule):
             raise TypeError(
                 f"ConcreteDropout needs a layer with a weight, got {type(layer).__name__}"
             )
-        if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
-            raise ValueError(f"dataset_size must be a positive int, got {dataset_size!r}")
+        check_dataset_size(dataset_size)
         for name, value in (("length_scale", length_scale), ("temperature", temperature)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")

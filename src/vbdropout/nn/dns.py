@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .epoch_hooks import check_fraction, epoch_at
 from .penalized import LearnedMask, check_nonnegative
-from .schedule import check_fraction, epoch_at
 
 __all__ = ["DNS_C_RATE", "Conv2dDNS", "LinearDNS", "NetworkSurgery"]
 

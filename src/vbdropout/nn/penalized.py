@@ -15,28 +15,26 @@ into them, and :func:`~vbdropout.compress.compression_report` counts their
   :meth:`~PenalizedWeight.deterministic` returns the plain layer holding it.
 
 :class:`MaskedWeight` adds a fixed binary mask whose zeros stay exactly zero
-in ``weight`` through any ``torch.optim`` optimizer's steps (see its docstring).
+in ``weight`` through the steps of the run's optimizer (see its docstring).
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
 
-from .base import VariationalModule
+from .base import VariationalModule, check_dataset_size
 from .prunable import PrunableWeight, Threshold
 
 __all__ = [
     "LearnedMask",
     "MaskedWeight",
     "PenalizedWeight",
-    "check_dataset_size",
     "check_nonnegative",
+    "needs_dataset_size",
 ]
 
 
@@ -49,18 +47,12 @@ def check_nonnegative(value: float, name: str) -> float:
     return float(value)
 
 
-def check_dataset_size(dataset_size: int | None, needed_for: str | None) -> int | None:
-    """Validate N; ``needed_for`` names the term that needs it (None: it may be absent)."""
-    if dataset_size is None:
-        if needed_for is not None:
-            raise ValueError(
-                f"{needed_for} is scaled to the training set and needs dataset_size "
-                f"(N, the number of training examples)"
-            )
-        return None
-    if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
-        raise ValueError(f"dataset_size must be a positive int, got {dataset_size!r}")
-    return dataset_size
+def needs_dataset_size(term: str) -> str:
+    """The error message for a layer whose ``term`` needs dataset_size but has none."""
+    return (
+        f"{term} is scaled to the training set and needs dataset_size "
+        f"(N, the number of training examples)"
+    )
 
 
 class PenalizedWeight(PrunableWeight, VariationalModule):
@@ -91,8 +83,9 @@ class PenalizedWeight(PrunableWeight, VariationalModule):
         """
         super().__init__(*args, **kwargs)
         self.weight_decay = check_nonnegative(weight_decay, "weight_decay")
-        needs = "weight_decay" if self.weight_decay > 0 else None
-        self.dataset_size = check_dataset_size(dataset_size, needs)
+        self.dataset_size = check_dataset_size(
+            dataset_size, needs_dataset_size("weight_decay"), optional=self.weight_decay == 0
+        )
 
     # ----------------------------------------------------------- the objective
 
@@ -187,31 +180,16 @@ class LearnedMask(PenalizedWeight):
         return self.weight if threshold is None else self.weight * self.mask
 
 
-# Every live MaskedWeight; the optimizer hook below re-applies their masks.
-_MASKED: weakref.WeakSet[MaskedWeight] = weakref.WeakSet()
-
-
-def _reapply_masks(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-    if not _MASKED:
-        return
-    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for layer in list(_MASKED):
-        if id(layer.weight) in stepped:
-            layer.apply_mask_()
-
-
-register_optimizer_step_post_hook(_reapply_masks)
-
-
 class MaskedWeight(LearnedMask):
     """A :class:`PenalizedWeight` with a binary ``mask`` buffer (1 = kept, 0 = pruned).
 
     The forward pass uses ``weight · mask``, so the gradient of a pruned weight
     is zero; and the pruned entries of ``weight`` are kept exactly zero: after
-    the mask changes, after a state_dict is loaded, and after every step of any
-    ``torch.optim`` optimizer that holds ``weight`` (a global step post-hook; an
-    optimizer with momentum or Adam's moments would otherwise move a pruned
-    weight away from zero with a zero gradient). Plain code that reads
+    the mask changes, after a state_dict is loaded, and after every step of an
+    optimizer hooked to the model with :func:`~vbdropout.nn.base.attach_optimizer`
+    (as the trainer, the demo and the Lightning callback do; an optimizer with
+    momentum or Adam's moments would otherwise move a pruned weight away from
+    zero with a zero gradient). Plain code that reads
     ``weight`` (the compression report, export) therefore sees the pruned network.
     """
 
@@ -220,11 +198,10 @@ class MaskedWeight(LearnedMask):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.register_buffer("mask", torch.ones_like(self.weight))
-        _MASKED.add(self)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:  # copies and unpickled layers
-        super().__setstate__(state)
-        _MASKED.add(self)
+    def after_optimizer_step(self) -> None:
+        """Keep the pruned weights exactly zero after a step of the run's optimizer."""
+        self.apply_mask_()
 
     @torch.no_grad()
     def apply_mask_(self) -> None:

@@ -6,7 +6,7 @@ and retraining alternate a few times (iterative pruning). Here:
 
 - a layer trains densely until its first pruning epoch;
 - at the end of the epochs given by ``prune_at`` (fractions of the run, see
-  :func:`~vbdropout.nn.schedule.epoch_at`) step k of n prunes the layer to
+  :func:`~vbdropout.nn.epoch_hooks.epoch_at`) step k of n prunes the layer to
   sparsity 1 − (1 − s)^(k/n) — each step removes the same fraction of the
   surviving weights, reaching the target s at the last step. A step removes
   the kept weights of smallest |w| (per layer; once pruned, a weight stays
@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
+from .epoch_hooks import check_fraction, epoch_at
 from .penalized import MaskedWeight
-from .schedule import check_fraction, epoch_at
 
 __all__ = [
     "HAN_PRUNE_AT",

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .penalized import MaskedWeight, check_dataset_size, check_nonnegative
+from .base import check_dataset_size
+from .penalized import MaskedWeight, check_nonnegative, needs_dataset_size
 
 __all__ = ["Conv2dSSL", "GroupLasso", "LinearSSL"]
 
@@ -56,7 +57,7 @@ class GroupLasso(MaskedWeight):
         self.group_decay = check_nonnegative(group_decay, "group_decay")
         self.rms_threshold = check_nonnegative(rms_threshold, "rms_threshold")
         if self.group_decay > 0:
-            check_dataset_size(dataset_size, "group_decay")
+            check_dataset_size(dataset_size, needs_dataset_size("group_decay"))
 
     def group_norms(self, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """‖W_g‖₂ of the output groups (rows / filters) and of the input groups (columns /

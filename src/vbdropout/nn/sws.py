@@ -57,8 +57,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import VariationalModule
+from .epoch_hooks import epoch_at
 from .penalized import PenalizedWeight, check_nonnegative
-from .schedule import epoch_at
 
 __all__ = ["Conv2dSWS", "LinearSWS", "MixturePrior", "SoftSharedWeight", "quantize"]
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn.schedule import epoch_end
+from ..models.methods import Method
 from .config import TrainConfig
 from .loop import evaluate
 
@@ -18,6 +18,7 @@ __all__ = ["final_epoch_end", "run_warnings"]
 
 @torch.no_grad()
 def final_epoch_end(
+    method: Method,
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -25,7 +26,7 @@ def final_epoch_end(
     config: TrainConfig,
     classes: int,
 ) -> str | None:
-    """The last epoch's :func:`epoch_end`, undone if it breaks the network.
+    """The last epoch's :meth:`Method.epoch_end`, undone if it breaks the network.
 
     A method's end-of-run step taken before its state has settled can destroy the
     network: soft weight-sharing's quantization after 1 epoch put every weight in
@@ -36,7 +37,7 @@ def final_epoch_end(
     before_state = {k: v.clone() for k, v in model.state_dict().items()}
     sample = slice(0, min(x.shape[0], 10000))
     before = evaluate(model, x[sample], y[sample])["error"]
-    epoch_end(model, epoch, config.epochs)
+    method.epoch_end(model, epoch, config.epochs)
     after = evaluate(model, x[sample], y[sample])["error"]
     chance = 1 - 1 / classes
     if before >= chance or after - before <= 0.5 * (chance - before):

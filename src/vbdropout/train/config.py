@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..data import DATASETS, INPUT_SCALINGS
-from ..models import METHODS, MODELS
+from ..models import MODELS
+from ..models.methods import method_class
 from ..nn.prunable import LOG_ALPHA_THRESHOLD, UNIT_THRESHOLD
 from .protocols import PROTOCOLS
 
@@ -156,9 +157,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     """Validate ``config`` and fill the protocol defaults; returns a new config."""
     check_types(config)
     _check(config.model in MODELS, f"unknown model {config.model!r}; known: {', '.join(MODELS)}")
-    _check(
-        config.method in METHODS, f"unknown method {config.method!r}; known: {', '.join(METHODS)}"
-    )
+    try:
+        method_class(config.method)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _check(
         config.dataset in DATASETS,
         f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}",

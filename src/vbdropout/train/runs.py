@@ -12,13 +12,14 @@ from torch import nn
 
 from ..data import Dataset, load_dataset
 from ..io import CheckpointError, load_checkpoint
-from ..models import METHODS, build_model
+from ..models import build_model
+from ..models.methods import Method, method_class
 from ..nn.prunable import Threshold, with_thresholds
 from .config import ConfigError, TrainConfig, check_types
 from .loop import evaluate
 from .state import RUN_KEYS, checkpoint_file, load_model_state, saved_config
 
-__all__ = ["build_run_model", "evaluate_run", "load_run", "resolve_device"]
+__all__ = ["build_run_model", "evaluate_run", "load_run", "resolve_device", "run_method"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -30,28 +31,34 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_run_model(config: TrainConfig, data: Dataset) -> nn.Module:
+def build_run_model(config: TrainConfig, data: Dataset, method: Method | None = None) -> nn.Module:
     """The network of a (resolved) config, for training or for loading a checkpoint.
 
+    ``method``: the run's :func:`run_method` (made here when not given).
+    """
+    return build_model(
+        config.model,
+        run_method(config, data) if method is None else method,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        **config.network,
+    )
+
+
+def run_method(config: TrainConfig, data: Dataset) -> Method:
+    """The :class:`~vbdropout.models.methods.Method` of a (resolved) config's run.
+
     The method gets the run settings it declares in its ``run_options``
-    (:data:`~vbdropout.models.methods.RUN_OPTIONS`): the pruning thresholds,
+    (:meth:`~vbdropout.models.methods.Method.from_run`): the pruning thresholds,
     ``train_clip`` and ``dataset_size`` (the training set's size).
     """
-    run_values = {
+    run = {
         "log_alpha_threshold": config.log_alpha_threshold,
         "unit_threshold": config.unit_threshold,
         "train_clip": config.train_clip,
         "dataset_size": data.train_x.shape[0],
     }
-    method = METHODS[config.method]
-    return build_model(
-        config.model,
-        config.method,
-        input_shape=data.input_shape,
-        num_classes=data.num_classes,
-        method_options={k: run_values[k] for k in method.run_options},
-        **config.network,
-    )
+    return method_class(config.method).from_run(run)
 
 
 def load_run(

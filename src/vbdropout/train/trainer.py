@@ -43,13 +43,14 @@ from ..io import (
     remove_stale_temp_files,
     save_checkpoint,
 )
-from ..nn.schedule import epoch_end
+from ..models.methods import Method
+from ..nn.base import attach_optimizer
 from . import distributed, rundir
 from .checks import final_epoch_end, run_warnings
 from .config import ConfigError, TrainConfig, resolve_config, to_toml
 from .loop import DivergenceError, evaluate, make_adam, train_epoch
 from .progress import ProgressBar
-from .runs import build_run_model, resolve_device
+from .runs import build_run_model, resolve_device, run_method
 from .schedules import kl_weight, lr_factor
 from .state import (
     RESUME_KEYS,
@@ -152,6 +153,7 @@ class _Run:
     device: torch.device
     out: Path
     data: Dataset
+    method: Method  # what built the model; runs its training events after every epoch
     model: nn.Module
     trained: nn.Module  # the model, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
@@ -276,7 +278,8 @@ def _build(config: TrainConfig, device: torch.device, out: Path, initialize: boo
         train_subset=config.train_subset,
         input_scaling=config.input_scaling,
     )
-    model = build_run_model(config, data).to(device)
+    method = run_method(config, data)
+    model = build_run_model(config, data, method).to(device)
     if config.init and initialize:
         load_init(model, config.init)
     trained = model
@@ -284,6 +287,7 @@ def _build(config: TrainConfig, device: torch.device, out: Path, initialize: boo
         torch.manual_seed(config.seed + world.rank)  # independent noise in every worker
         trained = nn.parallel.DistributedDataParallel(model)
     optimizer = make_adam(model.parameters(), config.lr)
+    attach_optimizer(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: lr_factor(e, config.epochs, config.lr_decay_start)
     )
@@ -292,6 +296,7 @@ def _build(config: TrainConfig, device: torch.device, out: Path, initialize: boo
         device=device,
         out=out,
         data=data,
+        method=method,
         model=model,
         trained=trained,
         optimizer=optimizer,
@@ -336,10 +341,10 @@ def _epoch(run: _Run, epoch: int, bar: ProgressBar, board: Any, status: str) -> 
         )
         raise DivergenceError(f"training diverged in epoch {epoch + 1}, {err}; {kept}") from None
     if epoch < config.epochs - 1:
-        epoch_end(run.model, epoch, config.epochs)  # schedules of methods that have them
+        run.method.epoch_end(run.model, epoch, config.epochs)  # the method's training events
     else:
         run.undone = final_epoch_end(
-            run.model, run.train_x, run.train_y, epoch, config, run.data.num_classes
+            run.method, run.model, run.train_x, run.train_y, epoch, config, run.data.num_classes
         )
     run.scheduler.step()
     stats.update(distributed.all_mean({k: stats[k] for k in ("loss", "nll", "train_error")}))

@@ -4,13 +4,12 @@ Some methods change their layers between epochs: Han et al.'s pruning prunes
 at scheduled epochs and then retrains, dynamic network surgery switches its
 mask updates on and off and fixes its masks at the end, soft weight-sharing
 quantizes the weights after the last epoch, SSL removes the groups that
-reached zero. Such a module defines
-
-    on_epoch_end(epoch: int, epochs: int) -> None
-
-(``epoch`` counts from 0; ``epochs`` is the length of the whole run) and the
-training loop calls :func:`epoch_end` once after every epoch's optimizer
-steps, before evaluating or saving the model::
+reached zero. Such a module overrides ``on_epoch_end(epoch, epochs)`` of
+:class:`~vbdropout.nn.base.StochasticModule` (``epoch`` counts from 0;
+``epochs`` is the length of the whole run), and every training loop (the
+trainer, the demo, the Lightning callback) calls :func:`epoch_end` — through
+the method's :meth:`~vbdropout.models.methods.Method.epoch_end` — once after
+every epoch's optimizer steps, before evaluating or saving the model::
 
     for epoch in range(epochs):
         train_epoch(model, optimizer, ...)
@@ -26,6 +25,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .base import StochasticModule
+
 __all__ = ["check_fraction", "epoch_at", "epoch_end"]
 
 
@@ -38,16 +39,15 @@ def _check_epoch(epoch: int, epochs: int) -> None:
 
 
 def epoch_end(model: nn.Module, epoch: int, epochs: int) -> None:
-    """Call ``on_epoch_end(epoch, epochs)`` on every module of ``model`` that defines it.
+    """Call ``on_epoch_end(epoch, epochs)`` on every stochastic module of ``model``.
 
     epoch: the epoch that just finished, counted from 0; epochs: the run's length.
     Each module is called once, in :meth:`~torch.nn.Module.modules` order.
     """
     _check_epoch(epoch, epochs)
     for module in model.modules():
-        hook = getattr(module, "on_epoch_end", None)
-        if callable(hook):
-            hook(epoch, epochs)
+        if isinstance(module, StochasticModule):
+            module.on_epoch_end(epoch, epochs)
 
 
 def epoch_at(fraction: float, epochs: int) -> int:
