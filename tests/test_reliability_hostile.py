@@ -145,13 +145,16 @@ def test_a_run_starting_beside_another_does_not_take_its_marker_for_a_foreign_fi
 ) -> None:
     """Two runs started together on a new directory: one may list it while the other's
     marker is still a temp file. That directory is ours, not foreign (fresh-ci once saw
-    the loser refused with "not empty" instead of the lock's message)."""
+    the loser refused with "not empty" instead of the lock's message); and the winner,
+    cleaning up under the lock, must not delete that temp file under the other run's feet
+    (which then failed with "cannot write .vbdropout-run: No such file or directory")."""
     out = tmp_path / "fresh"
     out.mkdir()
-    (out / f".{RUN_MARKER}.x1y2z3.tmp").write_bytes(b"")  # the other run, mid-write
+    other = out / f".{RUN_MARKER}.x1y2z3.tmp"
+    other.write_bytes(b"")  # the other run, mid-write
     (out / ".write-test-abc").write_bytes(b"")  # and its write probe
     assert main(argv(out, shared_data)) == 0
-    assert (out / RUN_MARKER).is_file()
+    assert (out / RUN_MARKER).is_file() and other.is_file()
 
 
 # ---------------------------------------------------------------- 3. broken last step

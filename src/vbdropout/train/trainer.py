@@ -118,8 +118,9 @@ def train(
         return _train_locked(config, device, out, resume, progress=False)
     rundir.prepare_out(out, force)
     with rundir.run_lock(out):
-        # temp files left by a killed writer
-        remove_stale_temp_files(out, (rundir.RUN_MARKER, *rundir.RUN_FILES))
+        # temp files left by a killed writer; not the marker's: a run starting beside
+        # this one writes its marker before it asks for the lock (it is refused then)
+        remove_stale_temp_files(out, rundir.RUN_FILES)
         distributed.barrier()
         try:
             return _train_locked(config, device, out, resume, progress)
