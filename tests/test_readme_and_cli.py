@@ -116,11 +116,12 @@ def test_every_train_config_field_but_network_is_a_train_flag():
     without a flag of its name (or a flag renamed away from its field) fails here."""
     import dataclasses
 
-    from vbdropout.cli import _train_fields, build_parser
+    from vbdropout.cli import build_parser
+    from vbdropout.cli.train import train_fields
     from vbdropout.train import TrainConfig
 
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     dests = {action.dest for action in train._actions}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert _train_fields() == fields - {"network"}
-    assert _train_fields() <= dests, sorted(_train_fields() - dests)
+    assert train_fields() == fields - {"network"}
+    assert train_fields() <= dests, sorted(train_fields() - dests)
