@@ -31,6 +31,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def run_data(config: TrainConfig) -> Dataset:
+    """The data set of a run: its dataset, data folder, training subset and input scaling."""
+    return load_dataset(
+        config.dataset,
+        config.data_dir,
+        train_subset=config.train_subset,
+        input_scaling=config.input_scaling,
+    )
+
+
 def build_run_model(config: TrainConfig, data: Dataset, method: Method | None = None) -> nn.Module:
     """The network of a (resolved) config, for training or for loading a checkpoint.
 
@@ -74,12 +84,7 @@ def load_run(
         raise CheckpointError(f"{checkpoint_file(path)}: its config is malformed: {err}") from None
     if data_dir is not None:
         config.data_dir = data_dir
-    data = load_dataset(
-        config.dataset,
-        config.data_dir,
-        train_subset=config.train_subset,
-        input_scaling=config.input_scaling,
-    )
+    data = run_data(config)
     model = build_run_model(config, data)
     load_model_state(model, state["model"], checkpoint_file(path))
     return model.eval(), data, config

@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import __version__, kernels
 from ..compress import compression_report
-from ..data import Dataset, load_dataset
+from ..data import Dataset
 from ..io import (
     CheckpointError,
     atomic_write_bytes,
@@ -50,7 +50,7 @@ from .checks import final_epoch_end, run_warnings
 from .config import ConfigError, TrainConfig, resolve_config, to_toml
 from .loop import DivergenceError, evaluate, make_adam, train_epoch
 from .progress import ProgressBar
-from .runs import build_run_model, resolve_device, run_method
+from .runs import build_run_model, resolve_device, run_data, run_method
 from .schedules import kl_weight, lr_factor
 from .state import (
     RESUME_KEYS,
@@ -273,12 +273,7 @@ def _build(config: TrainConfig, device: torch.device, out: Path, initialize: boo
     optimizer, lr schedule and shuffling generator, seeded by ``config.seed``."""
     world = distributed.current()
     torch.manual_seed(config.seed)
-    data = load_dataset(
-        config.dataset,
-        config.data_dir,
-        train_subset=config.train_subset,
-        input_scaling=config.input_scaling,
-    )
+    data = run_data(config)
     method = run_method(config, data)
     model = build_run_model(config, data, method).to(device)
     if config.init and initialize:
