@@ -159,6 +159,7 @@ def test_quick_budgets_use_all_data_and_scale_their_schedules(tmp_path):
     from vbdropout.experiments.reproduce import cell_config
     from vbdropout.train.config import resolve_config
     from vbdropout.train.protocols import PROTOCOLS
+    from vbdropout.train.schedules import kl_weight
 
     for name, table in TABLES.items():
         quick = table.budgets["quick"]
@@ -177,6 +178,7 @@ def test_quick_budgets_use_all_data_and_scale_their_schedules(tmp_path):
             warmup = tuple(explicit) if explicit is not None else protocol.kl_warmup
             end = config.kl_warmup[1]
             assert end <= config.epochs // 2 + 1, f"{name}: KL warm-up ends by mid-run"
+            assert kl_weight(config.epochs - 1, *config.kl_warmup) == 1, f"{name}: full KL"
             if explicit is not None:
                 assert config.kl_warmup == warmup
             else:
