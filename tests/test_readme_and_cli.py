@@ -44,7 +44,8 @@ def test_demo_json_fields_and_picture(tmp_path, capsys):
     assert result["nonzero"] == sum(layer["nonzero"] for layer in result["per_layer"])
     assert result["compression_ratio"] == pytest.approx(result["weights"] / result["nonzero"])
     assert 0 < result["input_pixels_kept"] <= 64
-    assert (result["pretrain_epochs"], result["epochs"], result["kl_warmup"]) == (3, 4, [0, 2])
+    # the KL warm-up spans the whole VBD phase unless --kl-warmup shortens it
+    assert (result["pretrain_epochs"], result["epochs"], result["kl_warmup"]) == (3, 4, [0, 4])
     assert (result["train_size"], result["test_size"]) == (1437, 360)
 
 
@@ -56,6 +57,14 @@ def test_demo_compresses_the_trained_network_not_a_fresh_one(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["baseline_test_error"] < 0.2  # trained (chance is 0.9)
     assert result["test_error"] == pytest.approx(result["baseline_test_error"], abs=0.01)
+
+
+def test_demo_kl_warmup_flag_sets_the_schedule(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    argv = ["demo", "--pretrain-epochs", "1", "--epochs", "3", "--kl-warmup", "1", "--json"]
+    assert main([*argv, "--plot", str(tmp_path / "d.png")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["epochs"], result["kl_warmup"]) == (3, [0, 1])
 
 
 def test_demo_human_output(tmp_path, capsys):

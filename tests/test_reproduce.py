@@ -159,6 +159,7 @@ def test_quick_budgets_use_all_data_and_scale_their_schedules(tmp_path):
     from vbdropout.experiments.reproduce import cell_config
     from vbdropout.train.config import resolve_config
     from vbdropout.train.protocols import PROTOCOLS
+    from vbdropout.train.schedules import kl_weight
 
     for name, table in TABLES.items():
         quick = table.budgets["quick"]
@@ -170,11 +171,14 @@ def test_quick_budgets_use_all_data_and_scale_their_schedules(tmp_path):
         for row in rows:
             config = resolve_config(cell_config(row, table, "quick", 0, tmp_path))
             protocol = PROTOCOLS[row.model]
-            assert config.epochs == quick.epochs < protocol.epochs
+            epochs = quick.per_method.get(row.method, {}).get("epochs", quick.epochs)
+            assert config.epochs == epochs < protocol.epochs
+            assert config.lr == quick.per_method.get(row.method, {}).get("lr", protocol.lr)
             explicit = row.method_options.get("kl_warmup")  # a row's own schedule stays
             warmup = tuple(explicit) if explicit is not None else protocol.kl_warmup
             end = config.kl_warmup[1]
             assert end <= config.epochs // 2 + 1, f"{name}: KL warm-up ends by mid-run"
+            assert kl_weight(config.epochs - 1, *config.kl_warmup) == 1, f"{name}: full KL"
             if explicit is not None:
                 assert config.kl_warmup == warmup
             else:
@@ -185,6 +189,48 @@ def test_quick_budgets_use_all_data_and_scale_their_schedules(tmp_path):
             )
             paper = resolve_config(cell_config(row, table, "paper", 0, tmp_path))
             assert (paper.epochs, paper.kl_warmup) == (protocol.epochs, warmup)
+            assert (paper.lr, paper.lr_decay_start) == (protocol.lr, protocol.lr_decay_start)
+
+
+def test_a_budgets_per_method_overrides_reach_only_that_methods_rows(tmp_path, monkeypatch):
+    """Per-method epochs/lr apply to that method's cells; --epochs then wins for every row."""
+    import dataclasses
+
+    from vbdropout.experiments import tables
+    from vbdropout.experiments.reproduce import cell_config
+    from vbdropout.train.config import resolve_config
+
+    spec = tables.TABLES["table5"]
+    quick = dataclasses.replace(
+        spec.budgets["quick"], epochs=10, per_method={"sbp": {"epochs": 30, "lr": 3e-3}}
+    )
+    spec = dataclasses.replace(spec, budgets={**spec.budgets, "quick": quick})
+    rows = {r.method: r for r in spec.rows if r.model == "lenet500_300"}
+    sbp = resolve_config(cell_config(rows["sbp"], spec, "quick", 0, tmp_path))
+    plain = resolve_config(cell_config(rows["none"], spec, "quick", 0, tmp_path))
+    assert (sbp.epochs, sbp.lr, sbp.lr_decay_start, sbp.kl_warmup) == (30, 3e-3, 15, (0, 0))
+    assert (plain.epochs, plain.lr, plain.lr_decay_start) == (10, 1e-3, 5)
+    assert sbp.input_scaling == "unit" and sbp.init.endswith(f"{rows['none'].key}-seed0")
+
+    seen = {}
+
+    def fake_cell(row, table, budget, *args, **kwargs):
+        config = cell_config(row, table, budget, 0, tmp_path)
+        seen[row.method] = (budget, config.epochs, config.lr)
+        return {"label": row.label, "model": row.model, "column": row.column, "seed": 0,
+                "test_error": 0.02, "epochs": config.epochs, "compression": {
+                "compression_ratio": 1, "sparsity_per_layer": "0", "layers": []},
+                "neurons_per_layer": [1]}  # fmt: skip
+
+    module = importlib.import_module("vbdropout.experiments.reproduce")
+    monkeypatch.setattr(module, "TABLES", {**module.TABLES, "table5": spec})
+    monkeypatch.setattr(module, "_run_cell", fake_cell)
+    monkeypatch.setattr(module, "_plots", lambda *a: [])
+    reproduce("table5", out=tmp_path, progress=False, only="SBP|Original")
+    assert seen == {"none": ("quick", 10, None), "sbp": ("quick", 30, 3e-3)}
+    assert "(sbp: epochs 30, lr 0.003)" in (tmp_path / "table5-quick.md").read_text()
+    reproduce("table5", out=tmp_path, progress=False, only="SBP|Original", epochs=4)
+    assert seen == {"none": ("custom-e4-nNone", 4, None), "sbp": ("custom-e4-nNone", 4, 3e-3)}
 
 
 def test_quick_budget_runs_only_its_columns(tmp_path, monkeypatch):

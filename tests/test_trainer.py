@@ -21,6 +21,7 @@ from vbdropout.train import (
     train,
 )
 from vbdropout.train.config import to_toml
+from vbdropout.train.schedules import kl_weight
 
 
 def quick(out, shared_data, **kw):
@@ -167,6 +168,17 @@ def test_protocol_defaults_follow_sparse_vd():
     config = resolve_config(TrainConfig(model="lenet300_100"))
     assert (config.epochs, config.batch_size, config.lr) == (200, 100, 1e-3)
     assert config.lr_decay_start == 100 and config.kl_warmup == (5, 20)
+
+
+def test_a_scaled_kl_warmup_ends_by_the_last_epoch():
+    """One epoch of a 10-epoch warm-up would train with β = 0 throughout; it gets β = 1."""
+    one = resolve_config(TrainConfig(model="kingma_cifar", method="vbd", epochs=1))
+    assert one.kl_warmup == (0, 0) and kl_weight(0, *one.kl_warmup) == 1.0
+    two = resolve_config(TrainConfig(model="lenet300_100", epochs=2))
+    assert two.kl_warmup == (1, 1)
+    assert resolve_config(TrainConfig(model="kingma_cifar", epochs=20)).kl_warmup == (0, 2)
+    explicit = resolve_config(TrainConfig(model="kingma_cifar", epochs=1, kl_warmup=(0, 1)))
+    assert explicit.kl_warmup == (0, 1)  # a user's own warm-up is left as given
 
 
 def test_init_from_a_plain_run_and_eval_command(tmp_path, shared_data, capsys):

@@ -47,7 +47,15 @@ def add_demo_parser(sub: Any) -> None:
         "--epochs",
         type=positive_int,
         default=60,
-        help="epochs of VBD from the trained weights; KL warm-up over the first half (default 60)",
+        help="epochs of VBD from the trained weights (default 60)",
+    )
+    demo.add_argument(
+        "--kl-warmup",
+        type=positive_int,
+        default=None,
+        metavar="EPOCHS",
+        help="epochs over which the KL weight β rises linearly from 0 to 1 "
+        "(default: all of --epochs)",
     )
     demo.add_argument(
         "--seed", type=int, default=0, help="seed of weights, noise and order (default 0)"
@@ -78,6 +86,7 @@ def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
         pretrain_epochs=args.pretrain_epochs,
         seed=args.seed,
         lr=args.lr,
+        kl_warmup=args.kl_warmup,
         progress=not args.json,
     )
     if not args.json:

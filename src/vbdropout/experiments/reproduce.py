@@ -52,10 +52,12 @@ def cell_config(
 ) -> TrainConfig:
     """The training config of one cell under ``budget`` (its run directory under ``base``).
 
-    The budget sets only the epochs and the training size; the protocol's lr-decay
-    start and KL warm-up scale with the epochs when the config is resolved.
+    The budget sets the epochs and the training size (and, through ``per_method``,
+    the epochs or lr of one method's rows); the protocol's lr-decay start and KL
+    warm-up scale with the epochs when the config is resolved.
     """
     b = table.budgets[budget]
+    options = {"epochs": b.epochs, **row.method_options, **b.per_method.get(row.method, {})}
     init = None
     if row.init_from is not None:
         parent = next(r for r in table.rows if r.label == row.init_from and r.model == row.model)
@@ -65,14 +67,13 @@ def cell_config(
         method=row.method,
         dataset=table.dataset,
         out=str(base / "runs" / f"{row.key}-seed{seed}"),
-        epochs=b.epochs,
         train_subset=b.train_subset,
         seed=seed,
         device=device,
         data_dir=data_dir,
         network=dict(row.network),
         init=init,
-        **row.method_options,
+        **options,
     )
 
 
@@ -174,10 +175,16 @@ def reproduce(
         raise ValueError(f"unknown budget {budget!r}; known: {', '.join(spec.budgets)}")
     if epochs is not None or train_subset is not None:
         base_budget = spec.budgets[budget]
+        per_method = base_budget.per_method
+        if epochs is not None:  # the user's epochs for every row
+            per_method = {
+                m: {k: v for k, v in o.items() if k != "epochs"} for m, o in per_method.items()
+            }
         custom = Budget(
             epochs or base_budget.epochs,
             train_subset or base_budget.train_subset,
             base_budget.columns,
+            per_method,
         )
         budget = f"custom-e{custom.epochs}-n{custom.train_subset}"
         spec = dataclasses.replace(spec, budgets={**spec.budgets, budget: custom})
@@ -268,6 +275,20 @@ def _errors(cells: list[dict[str, Any]]) -> list[float]:
     return [100 * c["test_error"] for c in cells]
 
 
+def _per_method_text(b: Budget) -> str:
+    """`` (sbp: epochs 30, lr 0.003; ...)`` for a budget's per-method overrides, else ``""``."""
+    if not b.per_method:
+        return ""
+    parts = [
+        f"{method}: "
+        + ", ".join(
+            f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in options.items()
+        )
+        for method, options in b.per_method.items()
+    ]
+    return " (" + "; ".join(parts) + ")"
+
+
 def table_markdown(
     spec: Table, budget: str, cells: list[dict[str, Any]], skipped: list[str]
 ) -> str:
@@ -281,8 +302,8 @@ def table_markdown(
         f"# Table {spec.number}: {spec.title}" + (" — QUICK budget" if quick else ""),
         "",
         f"Dataset {spec.dataset}; budget `{budget}`: epochs "
-        f"{b.epochs or 'per protocol'} (lr decay and KL warm-up scaled with them), "
-        f"training examples {b.train_subset or 'all'}"
+        f"{b.epochs or 'per protocol'}{_per_method_text(b)} (lr decay and KL warm-up "
+        f"scaled with them), training examples {b.train_subset or 'all'}"
         + (f", columns {', '.join(b.columns)} only. " if b.columns else ". ")
         + (
             "Quick numbers are from short runs and are NOT comparable to the paper's. "

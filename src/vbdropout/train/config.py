@@ -184,9 +184,11 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         data_dir=os.path.abspath(os.path.expanduser(config.data_dir)) if config.data_dir else None,
     )
     if config.kl_warmup is None and config.epochs is not None:
-        # keep the protocol's proportions (rounded up) when the number of epochs changes
+        # keep the protocol's proportions (rounded up) when the number of epochs changes,
+        # ending by the last epoch so that β = 1 in it (1 epoch: β = 1 throughout)
         resolved.kl_warmup = tuple(
-            -(-e * resolved.epochs // protocol.epochs) for e in protocol.kl_warmup
+            min(-(-e * resolved.epochs // protocol.epochs), max(resolved.epochs - 1, 0))
+            for e in protocol.kl_warmup
         )
     if config.lr_decay_start is None and protocol.lr_decay_start is not None:
         resolved.lr_decay_start = resolved.epochs * protocol.lr_decay_start // protocol.epochs
