@@ -31,7 +31,7 @@ def add_demo_parser(sub: Any) -> None:
     """Add ``vbd demo`` to the subcommands ``sub``."""
     demo = sub.add_parser(
         "demo",
-        help="train, then compress with VBD, on the bundled 8×8 digits (no download, ~10 s)",
+        help="train, then compress with VBD, on the bundled 8×8 digits (no download, ~12 s)",
         description="Train a LeNet-300-100-shaped MLP without dropout on scikit-learn's "
         "bundled digits, then compress it with VBD from the trained weights (KL warm-up, "
         "the sparse VD protocol); print the test error before and after and the compression, "
