@@ -34,8 +34,8 @@ def test_tables_hold_every_published_cell():
 def lenient_data(monkeypatch):
     """Small generated files are well-formed but not of canonical size."""
     lenient = functools.partial(load_dataset, strict=False)
-    for module in ("trainer", "runs"):  # training, and loading the trained runs
-        monkeypatch.setattr(f"vbdropout.train.{module}.load_dataset", lenient)
+    # train.runs.run_data loads the data of every run: training and the trained runs
+    monkeypatch.setattr("vbdropout.train.runs.load_dataset", lenient)
 
 
 def test_table2_runs_end_to_end_on_generated_cifar_files(tmp_path, lenient_data, monkeypatch):
