@@ -3,6 +3,7 @@
 import functools
 import importlib
 import json
+from pathlib import Path
 
 import pytest
 from data_fakes import write_cifar, write_svhn
@@ -249,3 +250,48 @@ def test_quick_budget_runs_only_its_columns(tmp_path, monkeypatch):
     assert set(ran) == {"lenet300_100"} and len(result["cells"]) == 7
     markdown = (tmp_path / "table4-quick.md").read_text()
     assert "columns lenet300_100 only" in markdown and "all training examples" not in markdown
+
+
+def test_plots_show_the_spread_over_seeds(tmp_path):
+    """Two seeds of one cell: grouped, their mean curve with a band, sparsity with error bars."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+
+    from vbdropout.experiments import plots
+
+    def cell(seed, errors, sparsity):
+        run = tmp_path / f"run{seed}"
+        run.mkdir()
+        rows = [{"epoch": i + 1, "test_error": e} for i, e in enumerate(errors)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        layers = [{"sparsity": s} for s in sparsity]
+        return {"label": "Ours", "model": "m", "column": "", "seed": seed,
+                "run_dir": str(run), "compression": {"layers": layers}}  # fmt: skip
+
+    cells = [cell(1, [0.5, 0.3, 0.2], [80, 60]), cell(0, [0.4, 0.2], [90, 50])]
+    other = {**cells[0], "label": "VD", "seed": 0}
+    groups = plots.seed_groups([*cells, other])
+    assert [[c["seed"] for c in g] for g in groups] == [[0, 1], [0]]
+    drawn = {}
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, path, **kw):
+        drawn[Path(path).name] = fig
+        return real_savefig(fig, path, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plt.Figure, "savefig", keep)
+        plots._learning_curves(cells, tmp_path / "curves.png", "t")
+        plots._sparsity_bars(cells, tmp_path / "bars.png", "t")
+    (curves,) = drawn["curves.png"].axes
+    (line,) = curves.get_lines()
+    # the mean over the two epochs that both seeds have
+    assert line.get_ydata().tolist() == pytest.approx([45.0, 25.0])
+    assert len(curves.collections) == 1  # the ± sd band
+    (bars,) = drawn["bars.png"].axes
+    heights = [p.get_height() for p in bars.patches]
+    assert heights == pytest.approx([85.0, 55.0])
+    assert any(isinstance(c, ErrorbarContainer) for c in bars.containers)  # ± sd
+    assert len([m for m in bars.get_lines() if m.get_marker() == "o"]) == 2  # one per seed
+    assert (tmp_path / "curves.png").stat().st_size > 0

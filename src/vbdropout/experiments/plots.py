@@ -7,33 +7,58 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from .tables import Table
 
-__all__ = ["plot_cells"]
+__all__ = ["plot_cells", "seed_groups"]
 
 
 def _name(cell: dict[str, Any]) -> str:
     return f"{cell['label']} · {cell['column']}" if cell["column"] else cell["label"]
 
 
-def _learning_curves(cells: list[dict[str, Any]], path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(8, 5))
+def seed_groups(cells: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The cells grouped by table cell (label, model, column), one entry per seed, in the
+    order the cells come; each group is sorted by seed."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for cell in cells:
-        metrics = Path(cell["run_dir"]) / "metrics.jsonl"
-        if not metrics.is_file():
+        groups.setdefault((cell["label"], cell["model"], cell["column"]), []).append(cell)
+    return [sorted(group, key=lambda c: c["seed"]) for group in groups.values()]
+
+
+def _curve(cell: dict[str, Any]) -> np.ndarray | None:
+    """Test error (%) per epoch of a cell's run, or None when its metrics are gone."""
+    metrics = Path(cell["run_dir"]) / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return np.array([100 * r["test_error"] for r in rows])
+
+
+def _learning_curves(cells: list[dict[str, Any]], path: Path, title: str) -> None:
+    """One line per table cell: the mean over its seeds, with a band of ± one sd (n ≥ 2)."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for group in seed_groups(cells):
+        curves = [c for c in map(_curve, group) if c is not None]
+        if not curves:
             continue
-        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-        ax.plot(
-            [r["epoch"] for r in rows], [100 * r["test_error"] for r in rows], label=_name(cell)
-        )
+        length = min(len(c) for c in curves)  # the epochs every seed has reached
+        stacked = np.stack([c[:length] for c in curves])
+        epochs = np.arange(1, length + 1)
+        mean = stacked.mean(0)
+        label = _name(group[0]) + (f" (n={len(curves)})" if len(curves) > 1 else "")
+        (line,) = ax.plot(epochs, mean, label=label)
+        if len(curves) > 1:
+            sd = stacked.std(0, ddof=1)
+            ax.fill_between(epochs, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test error (%)")
     ax.set_yscale("log")
-    ax.set_title(title)
+    ax.set_title(title + " (mean ± sd over seeds)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -65,16 +90,26 @@ def _log_alpha_histograms(cell: dict[str, Any], path: Path) -> bool:
 
 
 def _sparsity_bars(cells: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Per table cell and layer: the mean sparsity over its seeds, an error bar of ± one sd
+    and every seed as a point (n ≥ 2)."""
+    groups = seed_groups(cells)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    width = 0.8 / max(1, len(cells))
-    for i, cell in enumerate(cells):
-        layers = cell["compression"]["layers"]
-        xs = [j + i * width for j in range(len(layers))]
-        ax.bar(xs, [layer["sparsity"] for layer in layers], width=width, label=_name(cell))
+    width = 0.8 / max(1, len(groups))
+    for i, group in enumerate(groups):
+        per_seed = np.array(
+            [[layer["sparsity"] for layer in c["compression"]["layers"]] for c in group]
+        )
+        xs = np.arange(per_seed.shape[1]) + i * width
+        label = _name(group[0]) + (f" (n={len(group)})" if len(group) > 1 else "")
+        sd = per_seed.std(0, ddof=1) if len(group) > 1 else None
+        ax.bar(xs, per_seed.mean(0), width=width, yerr=sd, capsize=2, label=label)
+        if len(group) > 1:
+            for row in per_seed:
+                ax.plot(xs, row, "o", color="black", markersize=2, alpha=0.6)
     ax.set_xlabel("layer (input → output)")
     ax.set_ylabel("sparsity (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(title)
+    ax.set_title(title + " (mean ± sd over seeds, points: seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
