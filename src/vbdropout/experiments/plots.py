@@ -106,6 +106,8 @@ def _sparsity_bars(cells: list[dict[str, Any]], path: Path, title: str) -> None:
         if len(group) > 1:
             for row in per_seed:
                 ax.plot(xs, row, "o", color="black", markersize=2, alpha=0.6)
+    layers = len(groups[0][0]["compression"]["layers"]) if groups else 0
+    ax.set_xticks(np.arange(layers) + width * (len(groups) - 1) / 2, range(1, layers + 1))
     ax.set_xlabel("layer (input → output)")
     ax.set_ylabel("sparsity (%)")
     ax.set_ylim(0, 100)
