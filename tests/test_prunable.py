@@ -19,7 +19,7 @@ from vbdropout.models import build_model
 from vbdropout.models.methods import METHODS
 from vbdropout.nn.base import StochasticModule
 from vbdropout.nn.deterministic import to_deterministic
-from vbdropout.nn.prunable import Prunable, PrunableWeight, threshold_for
+from vbdropout.nn.prunable import Prunable, PrunableWeight, check_thresholds, threshold_for
 from vbdropout.nn.structured import StructuredBayesianPruning, StructuredVBD
 from vbdropout.train.config import TrainConfig, resolve_config
 from vbdropout.train.loop import evaluate
@@ -156,7 +156,7 @@ def test_unknown_threshold_keyword_is_refused():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(TypeError, match="rms_threshold"):
-            threshold_for(spread_layer(), {"rms_threshold": 1.0})
+            check_thresholds({"rms_threshold": 1.0})
 
 
 FIXTURES = Path(__file__).parent / "fixtures" / "v0"

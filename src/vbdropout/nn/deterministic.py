@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import StochasticModule
-from .prunable import Prunable, Threshold, threshold_for
+from .prunable import Prunable, Threshold, check_thresholds, threshold_for
 
 __all__ = ["InputSelect", "Scale", "to_deterministic"]
 
@@ -67,6 +67,7 @@ def to_deterministic(
     units (``unit_threshold``) at that log α, ``None`` keeps everything.
     """
     thresholds = {"log_alpha_threshold": log_alpha_threshold, "unit_threshold": unit_threshold}
+    check_thresholds(thresholds)
     return _deterministic(model, thresholds)
 
 

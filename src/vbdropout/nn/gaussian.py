@@ -185,12 +185,11 @@ class GaussianWeight(PrunableWeight, VariationalModule):
 
         ``threshold="own"`` uses the layer's :attr:`threshold`; ``None`` keeps all.
         """
-        if threshold == "own":
-            threshold = self.threshold
-        threshold = check_log_alpha_threshold(threshold)  # type: ignore[arg-type]
-        if threshold is None:
+        # the layer's own threshold was checked when it was set
+        cut = self.threshold if threshold == "own" else check_log_alpha_threshold(threshold)
+        if cut is None:
             return torch.ones_like(self.weight, dtype=torch.bool)
-        return (self.log_alpha <= threshold).expand_as(self.weight)
+        return (self.log_alpha <= cut).expand_as(self.weight)
 
     def _eval_weight(self) -> Tensor:
         """:meth:`masked_weight`, cached across evaluation forwards (:func:`.eval_cached`)."""

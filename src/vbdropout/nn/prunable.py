@@ -56,31 +56,33 @@ UNIT_THRESHOLD = 0.0
 Threshold = float | None | Literal["own"]
 
 
-def check_log_alpha_threshold(threshold: float | None, name: str = "threshold") -> float | None:
-    """``threshold`` as a float inside :data:`~vbdropout.priors.LOG_ALPHA_RANGE`, or ``None``."""
+def _number_or_none(threshold: float | None, name: str) -> float | None:
     if threshold is None:
         return None
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(f"{name} must be a number or None, got {type(threshold).__name__}")
+    return float(threshold)
+
+
+def check_log_alpha_threshold(threshold: float | None, name: str = "threshold") -> float | None:
+    """``threshold`` as a float inside :data:`~vbdropout.priors.LOG_ALPHA_RANGE`, or ``None``."""
+    cut = _number_or_none(threshold, name)
     low, high = LOG_ALPHA_RANGE
-    if not low <= threshold <= high:  # also rejects NaN
+    if cut is not None and not low <= cut <= high:  # also rejects NaN
         raise ValueError(
             f"{name} is a log α value and must lie in the clip range [{low}, {high}], "
             f"got {threshold}; use None to disable pruning"
         )
-    return float(threshold)
+    return cut
 
 
 def check_unit_threshold(threshold: float | None, name: str = "threshold") -> float | None:
     """``threshold`` as a finite float, or ``None``: a unit's log α is not clipped, so any
     finite cut is meaningful (a structured unit starts near log α = −9)."""
-    if threshold is None:
-        return None
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"{name} must be a number or None, got {type(threshold).__name__}")
-    if not math.isfinite(threshold):
+    cut = _number_or_none(threshold, name)
+    if cut is not None and not math.isfinite(cut):
         raise ValueError(f"{name} is a log α value and must be finite, got {threshold}")
-    return float(threshold)
+    return cut
 
 
 _CHECKS = {"log_alpha_threshold": check_log_alpha_threshold, "unit_threshold": check_unit_threshold}
@@ -145,8 +147,11 @@ class PrunableWeight(Prunable):
 
 
 def threshold_for(module: Prunable, thresholds: Mapping[str, Threshold]) -> Threshold:
-    """The threshold ``thresholds`` gives ``module`` by its ``threshold_option`` ("own" if none)."""
-    check_thresholds(thresholds)
+    """The threshold ``thresholds`` gives ``module`` by its ``threshold_option`` ("own" if none).
+
+    ``thresholds`` is checked once by the whole-model function that takes it
+    (:func:`check_thresholds`), not here for every module.
+    """
     if module.threshold_option is None:
         return "own"
     return thresholds.get(module.threshold_option, "own")

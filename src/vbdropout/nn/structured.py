@@ -146,7 +146,7 @@ class StructuredVBD(UnitNoise):
 
     def keep_mask(self, threshold: Threshold = "own") -> Tensor:
         """Units with log α ≤ ``threshold`` ("own": :attr:`threshold`; ``None``: all)."""
-        cut = check_unit_threshold(self.threshold if threshold == "own" else threshold)  # type: ignore[arg-type]
+        cut = self.threshold if threshold == "own" else check_unit_threshold(threshold)
         if cut is None:
             return torch.ones_like(self.theta, dtype=torch.bool)
         return self.log_alpha <= cut
