@@ -173,11 +173,11 @@ class GaussianWeight(PrunableWeight, VariationalModule):
             sigma2 = torch.minimum(sigma2, cap)
         return sigma2
 
-    def variance_overflows(self) -> Tensor:
+    def variance_overflows(self) -> Tensor | None:
         """Whether some σ² = exp(log σ²) overflows to inf: only an additive layer whose
-        prior does not cap α can, when log σ² > log(dtype max)."""
+        prior does not cap α can, when log σ² > log(dtype max) (``None``: it cannot)."""
         if not self.additive or self.prior.max_log_alpha is not None or not self.weight.numel():
-            return torch.zeros((), dtype=torch.bool, device=self.weight.device)
+            return None
         return self.log_sigma2.detach().amax() > math.log(torch.finfo(self.log_sigma2.dtype).max)
 
     def keep_mask(self, threshold: Threshold = "own") -> Tensor:

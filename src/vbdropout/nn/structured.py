@@ -162,12 +162,12 @@ class StructuredVBD(UnitNoise):
         eps = torch.randn(batch, self.num_units, device=theta.device, dtype=theta.dtype)
         return theta + sigma * eps
 
-    def variance_overflows(self) -> Tensor:
+    def variance_overflows(self) -> Tensor | None:
         """Whether a unit that training samples has σ = exp(½·log σ²) = inf. With
-        ``train_clip`` only kept units are sampled (log α ≤ threshold, σ finite): never.
-        Without it, a unit that the KL has long pruned can get there in a very long run."""
+        ``train_clip`` only kept units are sampled (log α ≤ threshold, σ finite): it cannot
+        (``None``). Without it, a unit the KL has long pruned can get there in a long run."""
         if self.train_clip:
-            return torch.zeros((), dtype=torch.bool, device=self.theta.device)
+            return None
         limit = 2 * math.log(torch.finfo(self.log_sigma2.dtype).max)
         return self.log_sigma2.detach().amax() > limit
 
