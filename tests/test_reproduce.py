@@ -215,9 +215,9 @@ def test_a_budgets_per_method_overrides_reach_only_that_methods_rows(tmp_path, m
 
     seen = {}
 
-    def fake_cell(row, table, budget, *args, **kwargs):
-        config = cell_config(row, table, budget, 0, tmp_path)
-        seen[row.method] = (budget, config.epochs, config.lr)
+    def fake_cell(runner, row, seed):
+        config = cell_config(row, runner.table, runner.budget, seed, tmp_path)
+        seen[row.method] = (runner.budget, config.epochs, config.lr)
         return {"label": row.label, "model": row.model, "column": row.column, "seed": 0,
                 "test_error": 0.02, "epochs": config.epochs, "compression": {
                 "compression_ratio": 1, "sparsity_per_layer": "0", "layers": []},
@@ -225,7 +225,7 @@ def test_a_budgets_per_method_overrides_reach_only_that_methods_rows(tmp_path, m
 
     module = importlib.import_module("vbdropout.experiments.reproduce")
     monkeypatch.setattr(module, "TABLES", {**module.TABLES, "table5": spec})
-    monkeypatch.setattr(module, "_run_cell", fake_cell)
+    monkeypatch.setattr(module._CellRunner, "_compute", fake_cell)
     monkeypatch.setattr(module, "_plots", lambda *a: [])
     reproduce("table5", out=tmp_path, progress=False, only="SBP|Original")
     assert seen == {"none": ("quick", 10, None), "sbp": ("quick", 30, 3e-3)}
@@ -237,14 +237,14 @@ def test_a_budgets_per_method_overrides_reach_only_that_methods_rows(tmp_path, m
 def test_quick_budget_runs_only_its_columns(tmp_path, monkeypatch):
     ran = []
 
-    def fake_cell(row, *args, **kwargs):
+    def fake_cell(runner, row, seed):
         ran.append(row.column)
         return {"label": row.label, "model": row.model, "column": row.column, "seed": 0,
                 "test_error": 0.02, "epochs": 1, "compression": {"compression_ratio": 1,
                 "sparsity_per_layer": "0", "layers": []}, "neurons_per_layer": [1]}  # fmt: skip
 
     module = importlib.import_module("vbdropout.experiments.reproduce")
-    monkeypatch.setattr(module, "_run_cell", fake_cell)
+    monkeypatch.setattr(module._CellRunner, "_compute", fake_cell)
     monkeypatch.setattr(module, "_plots", lambda *a: [])
     result = reproduce("table4", out=tmp_path, progress=False)
     assert set(ran) == {"lenet300_100"} and len(result["cells"]) == 7

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..experiments.executors import EXECUTORS
 from .options import (
     add_cut_options,
     count,
@@ -268,6 +269,18 @@ def add_reproduce_parser(sub: Any) -> None:
         help="override the training size, in examples (default: the budget's)",
     )
     repro.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="local: here, one cell after another; ray: every cell a task on a Ray cluster "
+        '(pip install "vbdropout[ray]"; --out on storage the workers share) (default local)',
+    )
+    repro.add_argument(
+        "--address",
+        help="the Ray cluster's HOST:PORT for --executor ray (default: $RAY_ADDRESS, else a "
+        "local Ray instance on this machine's cores)",
+    )
+    repro.add_argument(
         "--json", action="store_true", help="print one JSON object as the last line (default: off)"
     )
     repro.set_defaults(run_command=_cmd_reproduce)
@@ -287,6 +300,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.json,
         epochs=args.epochs,
         train_subset=args.train_subset,
+        executor=args.executor,
+        address=args.address,
     )
     if not args.json:
         print(Path(result["markdown"]).read_text(), end="")

@@ -21,12 +21,14 @@ import re
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_bytes, atomic_write_json
 from ..models import METHODS
 from ..train.config import TrainConfig
+from .executors import CellJob, check_executor, run_jobs
 from .stats import mean_interval, welch_interval
 from .tables import TABLES, Budget, Row, Table
 
@@ -77,55 +79,72 @@ def cell_config(
     )
 
 
-def _run_cell(
-    row: Row,
-    table: Table,
-    budget: str,
-    seed: int,
-    base: Path,
-    device: str,
-    data_dir: str | None,
-    progress: bool,
-) -> dict[str, Any]:
-    from ..compress.shrink import neurons_per_layer, shrink
-    from ..train.runs import load_run
-    from ..train.trainer import train
+@dataclass(frozen=True)
+class _CellRunner:
+    """Computes and writes one cell of ``table`` (picklable, so that a Ray task can run it)."""
 
-    b = table.budgets[budget]
-    config = cell_config(row, table, budget, seed, base, device, data_dir)
-    run_dir = Path(config.out)
-    start = time.perf_counter()
-    if row.evaluate_run_of is None:
-        summary = train(config, resume=(run_dir / "checkpoint.pt").exists(), progress=progress)
-        model, _, _ = load_run(run_dir, data_dir)
-    else:
-        parent = next(
-            r for r in table.rows if r.label == row.evaluate_run_of and r.model == row.model
+    table: Table
+    budget: str
+    base: Path
+    device: str
+    data_dir: str | None
+    progress: bool
+    command: str  # the command that asked for the cell, recorded in it
+
+    def __call__(self, job: CellJob) -> dict[str, Any]:
+        cell = self._compute(job.row, job.seed)
+        atomic_write_json(job.path, cell)
+        return cell
+
+    def _compute(self, row: Row, seed: int) -> dict[str, Any]:
+        """Train the cell's run (resuming it) or re-evaluate its parent's; its record."""
+        from ..compress.shrink import neurons_per_layer, shrink
+        from ..train.runs import load_run
+        from ..train.trainer import train
+
+        b = self.table.budgets[self.budget]
+        config = cell_config(
+            row, self.table, self.budget, seed, self.base, self.device, self.data_dir
         )
-        run_dir = base / "runs" / f"{parent.key}-seed{seed}"
-        threshold = row.method_options.get("log_alpha_threshold", TrainConfig.log_alpha_threshold)
-        summary, model = _reevaluate(run_dir, data_dir, threshold)
-    neurons = neurons_per_layer(shrink(model))
-    return {
-        "table": table.number,
-        "label": row.label,
-        "model": row.model,
-        "method": row.method,
-        "column": row.column,
-        "budget": budget,
-        "seed": seed,
-        "epochs": summary["epochs"],
-        "train_subset": b.train_subset,
-        "test_error": summary["test_error"],
-        "compression": summary["compression"],
-        "neurons_per_layer": neurons,
-        "device": summary["device"],
-        "wall_seconds": time.perf_counter() - start,
-        "train_seconds": summary["train_seconds"],
-        "versions": summary["versions"],
-        "command": " ".join(sys.argv),
-        "run_dir": str(run_dir),
-    }
+        run_dir = Path(config.out)
+        start = time.perf_counter()
+        if row.evaluate_run_of is None:
+            summary = train(
+                config, resume=(run_dir / "checkpoint.pt").exists(), progress=self.progress
+            )
+            model, _, _ = load_run(run_dir, self.data_dir)
+        else:
+            parent = next(
+                r
+                for r in self.table.rows
+                if r.label == row.evaluate_run_of and r.model == row.model
+            )
+            run_dir = self.base / "runs" / f"{parent.key}-seed{seed}"
+            threshold = row.method_options.get(
+                "log_alpha_threshold", TrainConfig.log_alpha_threshold
+            )
+            summary, model = _reevaluate(run_dir, self.data_dir, threshold)
+        neurons = neurons_per_layer(shrink(model))
+        return {
+            "table": self.table.number,
+            "label": row.label,
+            "model": row.model,
+            "method": row.method,
+            "column": row.column,
+            "budget": self.budget,
+            "seed": seed,
+            "epochs": summary["epochs"],
+            "train_subset": b.train_subset,
+            "test_error": summary["test_error"],
+            "compression": summary["compression"],
+            "neurons_per_layer": neurons,
+            "device": summary["device"],
+            "wall_seconds": time.perf_counter() - start,
+            "train_seconds": summary["train_seconds"],
+            "versions": summary["versions"],
+            "command": self.command,
+            "run_dir": str(run_dir),
+        }
 
 
 def _reevaluate(
@@ -157,6 +176,8 @@ def reproduce(
     progress: bool = True,
     epochs: int | None = None,
     train_subset: int | None = None,
+    executor: str = "local",
+    address: str | None = None,
 ) -> dict[str, Any]:
     """Run every (matching) cell of ``table`` and write its markdown and plots.
 
@@ -167,6 +188,10 @@ def reproduce(
     ``seeds``: how many seeds (0 .. seeds − 1), or a ``range`` of them (e.g. ``range(1, 3)``
     to run seeds 1 and 2 in another process beside one running seed 0).
     ``epochs``/``train_subset`` override the budget's (a custom, labelled budget).
+    ``executor``: ``"local"`` (here, one cell after another) or ``"ray"`` (cells as
+    tasks on the Ray cluster at ``address``, default a local instance or
+    ``$RAY_ADDRESS``; ``out`` must then be on storage the workers share); see
+    :mod:`.executors`.
     """
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; known: {', '.join(TABLES)}")
@@ -191,10 +216,13 @@ def reproduce(
     seed_list = seeds if isinstance(seeds, range) else range(seeds)
     if len(seed_list) < 1 or seed_list.start < 0:
         raise ValueError(f"seeds must name at least one seed >= 0, got {seeds}")
+    check_executor(executor, address)
     pattern = re.compile(only, re.IGNORECASE) if only else None
     out = Path(out)
-    base = _cell_dir(out, table, budget)
-    cells: list[dict[str, Any]] = []
+    base = _cell_dir(out, table, budget).resolve()  # absolute: also a Ray worker's path
+    slots: list[dict[str, Any] | None] = []  # a finished cell, or None: computed by a job
+    jobs: list[CellJob] = []
+    pending: dict[tuple[str, str, int], int] = {}  # (label, model, seed) -> its job's index
     skipped: list[str] = []
     columns = spec.budgets[budget].columns
     for row in spec.rows:
@@ -205,15 +233,24 @@ def reproduce(
         if row.method not in METHODS:
             skipped.append(f"{row.label} ({row.method}): method not implemented yet")
             continue
+        parent = row.init_from or row.evaluate_run_of
         for seed in seed_list:
             path = base / "cells" / row.key / f"seed{seed}.json"
             if path.is_file():
-                cells.append(json.loads(path.read_text()))
+                slots.append(json.loads(path.read_text()))
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
-            cell = _run_cell(row, spec, budget, seed, base, device, data_dir, progress)
-            atomic_write_json(path, cell)
-            cells.append(cell)
+            needs = (
+                (pending[parent, row.model, seed],) if (parent, row.model, seed) in pending else ()
+            )
+            pending[row.label, row.model, seed] = len(jobs)
+            jobs.append(CellJob(row, seed, path, needs))
+            slots.append(None)
+    data_dir = str(Path(data_dir).resolve()) if data_dir else None
+    progress = progress and executor == "local"
+    runner = _CellRunner(spec, budget, base, device, data_dir, progress, " ".join(sys.argv))
+    computed = iter(run_jobs(jobs, runner, executor, address))
+    cells = [cell if cell is not None else next(computed) for cell in slots]
     name = f"{table}.md" if budget == "paper" else f"{table}-{budget}.md"
     out.mkdir(parents=True, exist_ok=True)
     finished = _finished_cells(spec, base)  # also those of earlier runs with other --only
