@@ -16,6 +16,7 @@ epoch in progress. Run directories must be on storage every worker sees.
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,12 +66,17 @@ def check_executor(executor: str, address: str | None) -> None:
 
 
 def run_jobs(
-    jobs: Sequence[CellJob], run: Run, executor: str = "local", address: str | None = None
+    jobs: Sequence[CellJob],
+    run: Run,
+    executor: str = "local",
+    address: str | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """The cells of ``jobs``, in their order, computed by ``executor``."""
+    """The cells of ``jobs``, in their order, computed by ``executor``. ``progress``: on
+    Ray, one line on stderr as each cell finishes (locally, each run shows its own bar)."""
     if executor == "local":
         return [run(job) for job in jobs]
-    return _run_on_ray(jobs, run, address)
+    return _run_on_ray(jobs, run, address, progress)
 
 
 def _import_ray() -> Any:
@@ -98,7 +104,9 @@ def _after(run: Run, job: CellJob, *parents: dict[str, Any]) -> dict[str, Any]:
     return run(job)
 
 
-def _run_on_ray(jobs: Sequence[CellJob], run: Run, address: str | None) -> list[dict[str, Any]]:
+def _run_on_ray(
+    jobs: Sequence[CellJob], run: Run, address: str | None, progress: bool
+) -> list[dict[str, Any]]:
     """Submit every job, wait for all, then raise one error naming every failed cell."""
     ray = _import_ray()
     started = not ray.is_initialized()
@@ -112,13 +120,22 @@ def _run_on_ray(jobs: Sequence[CellJob], run: Run, address: str | None) -> list[
         refs: list[Any] = []
         for job in jobs:
             refs.append(task.remote(run, job, *(refs[i] for i in job.needs)))
-        cells: list[dict[str, Any]] = []
+        cells: dict[int, dict[str, Any]] = {}
         failed: dict[str, list[str]] = {}  # why -> the cells that failed so
-        for job, ref in zip(jobs, refs, strict=True):
+        index = {ref: i for i, ref in enumerate(refs)}
+        remaining = list(refs)
+        while remaining:
+            [ref], remaining = ray.wait(remaining, num_returns=1)
+            job = jobs[index[ref]]
             try:
-                cells.append(ray.get(ref))
+                cells[index[ref]] = cell = ray.get(ref)
+                outcome = f"test error {100 * cell['test_error']:.2f}%"
             except ray.exceptions.RayError as err:
-                failed.setdefault(_cause(err, ray), []).append(job.name)
+                failed.setdefault(why := _cause(err, ray), []).append(job.name)
+                outcome = f"failed: {why}"
+            if progress:
+                done = len(jobs) - len(remaining)
+                print(f"vbd reproduce: [{done}/{len(jobs)}] {job.name}: {outcome}", file=sys.stderr)
     finally:
         if started:
             ray.shutdown()
@@ -128,7 +145,7 @@ def _run_on_ray(jobs: Sequence[CellJob], run: Run, address: str | None) -> list[
             f"{count} of {len(jobs)} cells failed on Ray: "
             + "; ".join(f"{', '.join(names)}: {why}" for why, names in failed.items())
         )
-    return cells
+    return [cells[i] for i in range(len(jobs))]
 
 
 def _cause(err: BaseException, ray: Any) -> str:

@@ -247,9 +247,9 @@ def reproduce(
             jobs.append(CellJob(row, seed, path, needs))
             slots.append(None)
     data_dir = str(Path(data_dir).resolve()) if data_dir else None
-    progress = progress and executor == "local"
-    runner = _CellRunner(spec, budget, base, device, data_dir, progress, " ".join(sys.argv))
-    computed = iter(run_jobs(jobs, runner, executor, address))
+    bars = progress and executor == "local"  # a Ray worker's bar would reach no terminal
+    runner = _CellRunner(spec, budget, base, device, data_dir, bars, " ".join(sys.argv))
+    computed = iter(run_jobs(jobs, runner, executor, address, progress))
     cells = [cell if cell is not None else next(computed) for cell in slots]
     name = f"{table}.md" if budget == "paper" else f"{table}-{budget}.md"
     out.mkdir(parents=True, exist_ok=True)
