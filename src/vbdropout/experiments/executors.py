@@ -114,7 +114,11 @@ def _run_on_ray(
         try:
             ray.init(address=address, log_to_driver=False, include_dashboard=False)
         except ConnectionError as err:
-            raise ConnectionError(f"cannot connect to Ray at {address}: {err}") from err
+            raise ConnectionError(
+                f"cannot connect to Ray at {address}: {err} (a head with token authentication, "
+                "as `ray start` sets up where ~/.ray/auth_token exists, needs RAY_AUTH_MODE=token "
+                "here too)"
+            ) from err
     try:
         task = ray.remote(num_cpus=1, max_retries=RAY_RETRIES)(_after)
         refs: list[Any] = []
