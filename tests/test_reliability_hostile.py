@@ -279,7 +279,8 @@ def test_an_interrupt_is_one_line_exit_130_and_releases_the_lock(
     signum: int, server: ForkServer, tmp_path: Path, shared_data: Path
 ) -> None:
     out, log = tmp_path / "run", tmp_path / "log"
-    pid = server.spawn(argv(out, shared_data, epochs=200, subset=600), log)
+    # Far more epochs than can finish before the signal, however loaded the machine is.
+    pid = server.spawn(argv(out, shared_data, epochs=100_000, subset=600), log)
     deadline = time.monotonic() + 60
     while not (out / "checkpoint.pt").exists():
         assert server.poll(pid) is None and time.monotonic() < deadline, log.read_text()
