@@ -19,7 +19,14 @@ from .config import ConfigError, TrainConfig, check_types
 from .loop import evaluate
 from .state import RUN_KEYS, checkpoint_file, load_model_state, saved_config
 
-__all__ = ["build_run_model", "evaluate_run", "load_run", "resolve_device", "run_method"]
+__all__ = [
+    "build_run_model",
+    "evaluate_run",
+    "load_run",
+    "resolve_device",
+    "run_method",
+    "to_run_device",
+]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,6 +36,23 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but no CUDA device is available")
     return torch.device(name)
+
+
+def to_run_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` on ``device``, on a CPU with its 4-d tensors (convolution weights) in
+    channels-last order.
+
+    oneDNN's convolutions and max-pooling run faster on a CPU in that layout, and every
+    later activation follows the weights' layout (a LeNet-5 training step 1.3–1.6× faster
+    over the methods, ``benchmarks/bench_layout.py``). The function computed is the
+    same up to float rounding; a sampled method's noise, drawn in memory order, differs
+    from a contiguous model's draw of the same seed. Networks without 4-d tensors are
+    unchanged.
+    """
+    model = model.to(device)
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def run_data(config: TrainConfig) -> Dataset:
@@ -112,7 +136,10 @@ def evaluate_run(
         model = with_thresholds(model, **thresholds)
     target = resolve_device(device)
     result = evaluate(
-        model.to(target), data.test_x.to(target), data.test_y.to(target), mc_samples=mc_samples
+        to_run_device(model, target),
+        data.test_x.to(target),
+        data.test_y.to(target),
+        mc_samples=mc_samples,
     )
     scores = {
         (f"mc_test_{k[3:]}" if k.startswith("mc_") else f"test_{k}"): v for k, v in result.items()

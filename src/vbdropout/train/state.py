@@ -159,6 +159,7 @@ def restore_training_state(
             raise CheckpointError(f"{path}: its {name} state does not fit ({first})") from None
     for group in optimizer.param_groups:  # keep this torch's choice, not the saved one
         group["fused"] = optimizer.defaults["fused"]
+    _match_param_layouts(optimizer)
     ranks = state["rng"].get("torch_ranks")
     try:
         torch.set_rng_state(ranks[rank] if ranks else state["rng"]["torch"])
@@ -167,6 +168,25 @@ def restore_training_state(
             torch.cuda.set_rng_state(state["rng"]["cuda"])
     except (RuntimeError, IndexError, TypeError) as err:
         raise CheckpointError(f"{path}: its rng state does not fit ({err})") from None
+
+
+def _match_param_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter optimizer state tensor its parameter's memory layout.
+
+    A checkpoint's Adam moments keep the strides they were saved with, and torch's fused
+    CPU Adam pairs parameter, gradient and moments element by element in memory order:
+    moments saved in another layout than the parameter's (a run written before
+    convolutions trained channels-last, :func:`~.runs.to_run_device`) would be silently
+    paired with the wrong weights.
+    """
+    for param, saved in optimizer.state.items():
+        for key, value in saved.items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.shape == param.shape
+                and value.stride() != param.stride()
+            ):
+                saved[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def apply_lr_changes(

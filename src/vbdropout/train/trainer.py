@@ -50,7 +50,7 @@ from .checks import final_epoch_end, run_warnings
 from .config import ConfigError, TrainConfig, resolve_config, to_toml
 from .loop import DivergenceError, evaluate, make_adam, train_epoch
 from .progress import ProgressBar
-from .runs import build_run_model, resolve_device, run_data, run_method
+from .runs import build_run_model, resolve_device, run_data, run_method, to_run_device
 from .schedules import kl_weight, lr_factor
 from .state import (
     RESUME_KEYS,
@@ -275,7 +275,7 @@ def _build(config: TrainConfig, device: torch.device, out: Path, initialize: boo
     torch.manual_seed(config.seed)
     data = run_data(config)
     method = run_method(config, data)
-    model = build_run_model(config, data, method).to(device)
+    model = to_run_device(build_run_model(config, data, method), device)
     if config.init and initialize:
         load_init(model, config.init)
     trained = model
