@@ -113,6 +113,33 @@ def test_quick_table4_rows_on_real_mnist_with_plots(tmp_path, shared_data):
     assert "98.7-97.4-87.4" in markdown and "98.9-98.1-90.9" in markdown
 
 
+def test_table5_vd_row_is_weight_level_sparse_vd_counted_in_whole_units(
+    tmp_path, shared_data, capsys
+):
+    """The paper's Table 5 "VD" is [25], weight-level sparse VD: through ``vbd reproduce``
+    its cell trains ``sparse_vd`` from the trained "Original" (pixels in [0, 1], no KL
+    warm-up) and counts as neurons the inputs of each layer that keep a weight."""
+    from vbdropout.nn.gaussian import GaussianWeight
+    from vbdropout.train.runs import load_run
+
+    argv = ["reproduce", "table5", "--only", "^(Original|VD) .*lenet500", "--out",
+            str(tmp_path), "--data-dir", str(shared_data), "--epochs", "1",
+            "--train-subset", "1000", "--device", "cpu", "--json"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    cells = json.loads(capsys.readouterr().out.splitlines()[-1])["cells"]
+    (vd,) = [c for c in cells if c["label"] == "VD"]
+    cells_dir = tmp_path / "table5-custom-e1-n1000" / "cells"
+    cell = json.loads((cells_dir / "lenet500_300-sparse_vd-vd" / "seed0.json").read_text())
+    assert cell["method"] == "sparse_vd" and cell["test_error"] == vd["test_error"]
+    model, _, config = load_run(cell["run_dir"])
+    assert (config.input_scaling, tuple(config.kl_warmup)) == ("unit", (0, 0))
+    assert config.init is not None and "none-original" in config.init
+    layers = [m for m in model.modules() if isinstance(m, GaussianWeight)]
+    assert [layer.prior.name for layer in layers] == ["log_uniform"] * 3
+    reads = [int(layer.keep_mask().any(0).sum()) for layer in layers]
+    assert cell["neurons_per_layer"] == [*reads, 10]
+
+
 def test_rows_without_an_implemented_method_are_listed_not_run(tmp_path, monkeypatch):
     from vbdropout.models import METHODS
 
