@@ -302,3 +302,35 @@ def test_make_adam_is_fused_on_cpu_and_follows_torch_adam():
     assert make_adam([torch.zeros(2, dtype=torch.float64, requires_grad=True)], 0.1).defaults[
         "fused"
     ]
+
+
+def test_the_end_of_run_check_evaluates_only_a_step_that_changed_the_network(monkeypatch):
+    """final_epoch_end evaluates before and after the method's last epoch_end only when
+    that step changed the network (SWS's quantization); a no-op step costs no pass."""
+    from vbdropout.models import build_model
+    from vbdropout.models.methods import get_method
+    from vbdropout.train import checks
+    from vbdropout.train.config import TrainConfig, resolve_config
+
+    calls = []
+    real = checks.evaluate
+    monkeypatch.setattr(checks, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    config = resolve_config(TrainConfig(model="lenet300_100", method="vbd", epochs=2))
+    method = get_method("vbd")
+    model = build_model("lenet300_100", method)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert checks.final_epoch_end(method, model, x, y, 1, config, 10) is None
+    assert calls == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    class Shrinking(type(method)):
+        def epoch_end(self, model, epoch, epochs):  # a harmless end step: halves a bias
+            with torch.no_grad():
+                model[-1].bias.mul_(0.5)
+
+    halved = model[-1].bias.detach() * 0.5
+    assert checks.final_epoch_end(Shrinking(), model, x, y, 1, config, 10) is None
+    assert len(calls) == 2  # before and after
+    torch.testing.assert_close(model[-1].bias.detach(), halved)  # the kept step's state

@@ -33,16 +33,22 @@ def final_epoch_end(
     the zero component (89.9% test error). If the step loses more than half of the
     network's margin over chance on (up to 10000) training examples, the state from
     before it is restored; returns what was done then (``None``: the step was kept).
+    A step that changes nothing (most methods') is not evaluated.
     """
     before_state = {k: v.clone() for k, v in model.state_dict().items()}
-    sample = slice(0, min(x.shape[0], 10000))
-    before = evaluate(model, x[sample], y[sample])["error"]
     method.epoch_end(model, epoch, config.epochs)
+    after_state = model.state_dict()
+    if all(torch.equal(after_state[k], v) for k, v in before_state.items()):
+        return None
+    after_state = {k: v.clone() for k, v in after_state.items()}
+    sample = slice(0, min(x.shape[0], 10000))
     after = evaluate(model, x[sample], y[sample])["error"]
+    model.load_state_dict(before_state)
+    before = evaluate(model, x[sample], y[sample])["error"]
     chance = 1 - 1 / classes
     if before >= chance or after - before <= 0.5 * (chance - before):
+        model.load_state_dict(after_state)
         return None
-    model.load_state_dict(before_state)
     return (
         f"the end-of-run step of --method {config.method} (for sws: quantizing the weights) "
         f"raised the training error from {100 * before:.1f}% to {100 * after:.1f}%, so it was "

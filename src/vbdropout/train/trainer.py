@@ -373,7 +373,7 @@ def _epoch(run: _Run, epoch: int, bar: ProgressBar, board: Any, status: str) -> 
 def _summary(run: _Run) -> dict[str, Any]:
     """What ``summary.json`` holds: the final test scores, compression, warnings and setup."""
     config, device = run.config, run.device
-    test = evaluate(run.model, run.test_x, run.test_y)
+    last = run.history[-1]  # the last epoch's test scores: the model has not changed since
     report = compression_report(run.model)
     return {
         "model": config.model,
@@ -383,8 +383,8 @@ def _summary(run: _Run) -> dict[str, Any]:
         "seed": config.seed,
         "device": str(device),
         "cpu_kernels": kernels.status() if device.type == "cpu" else f"unused on {device}",
-        "test_error": test["error"],
-        "test_nll": test["nll"],
+        "test_error": last["test_error"],
+        "test_nll": last["test_nll"],
         "compression": report.to_dict(),
         "train_seconds": run.elapsed,
         "versions": _versions(),
@@ -393,6 +393,6 @@ def _summary(run: _Run) -> dict[str, Any]:
         "resume_changes": run.resume_changes,
         "final_step_undone": run.undone,
         "warnings": ([run.undone] if run.undone else [])
-        + run_warnings(run.history, test["error"], run.data.num_classes),
+        + run_warnings(run.history, last["test_error"], run.data.num_classes),
         "run_dir": str(run.out),
     }
