@@ -59,7 +59,8 @@ def test_run_writes_its_files_and_a_complete_summary(tmp_path, shared_data):
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
     assert [row["epoch"] for row in rows] == [1, 2, 3]
-    assert [row["kl_weight"] for row in rows] == [0.0, 0.0, 1.0]
+    # warm-up (1, 2), 10 steps an epoch: β of each epoch's last step (epoch 2 ramps)
+    assert [row["kl_weight"] for row in rows] == pytest.approx([0.0, 0.9, 1.0])
     assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == 4
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk["test_error"] == summary["test_error"] < 0.25
@@ -170,10 +171,14 @@ def test_protocol_defaults_follow_sparse_vd():
     assert config.lr_decay_start == 100 and config.kl_warmup == (5, 20)
 
 
-def test_a_scaled_kl_warmup_ends_by_the_last_epoch():
-    """One epoch of a 10-epoch warm-up would train with β = 0 throughout; it gets β = 1."""
+def test_a_scaled_kl_warmup_ends_by_the_end_of_the_run():
+    """One epoch of a 10-epoch warm-up would train with β = 0 throughout; it ramps β from
+    0 to 1 through the epoch instead (β is evaluated at every step)."""
     one = resolve_config(TrainConfig(model="kingma_cifar", method="vbd", epochs=1))
-    assert one.kl_warmup == (0, 0) and kl_weight(0, *one.kl_warmup) == 1.0
+    assert one.kl_warmup == (0, 1) and kl_weight(0.5, *one.kl_warmup) == 0.5
+    assert kl_weight(1, *one.kl_warmup) == 1.0
+    sparse_vd = resolve_config(TrainConfig(model="lenet300_100", epochs=1))  # (5, 20) of 200
+    assert sparse_vd.kl_warmup == (0, 1)
     two = resolve_config(TrainConfig(model="lenet300_100", epochs=2))
     assert two.kl_warmup == (1, 1)
     assert resolve_config(TrainConfig(model="kingma_cifar", epochs=20)).kl_warmup == (0, 2)
@@ -334,3 +339,25 @@ def test_the_end_of_run_check_evaluates_only_a_step_that_changed_the_network(mon
     assert checks.final_epoch_end(Shrinking(), model, x, y, 1, config, 10) is None
     assert len(calls) == 2  # before and after
     torch.testing.assert_close(model[-1].bias.detach(), halved)  # the kept step's state
+
+
+def test_the_kl_weight_rises_at_every_step_of_the_warmup(monkeypatch):
+    """β is evaluated per step: a warm-up (0, 1) over one epoch of 4 steps trains the steps
+    with β = 0, 1/4, 1/2, 3/4; a plain number stays β for every step."""
+    from vbdropout.models import build_model
+    from vbdropout.train import loop
+
+    seen = []
+    real = loop.elbo_terms
+    monkeypatch.setattr(loop, "elbo_terms", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    torch.manual_seed(0)
+    model = build_model("lenet300_100", "vbd")
+    optimizer = loop.make_adam(model.parameters(), 1e-3)
+    x, y = torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,))
+    stats = loop.train_epoch(
+        model, optimizer, x, y, batch_size=10, kl_weight=lambda done: kl_weight(done, 0, 1)
+    )
+    assert seen == [0.0, 0.25, 0.5, 0.75] and stats["kl_weight"] == 0.75
+    seen.clear()
+    loop.train_epoch(model, optimizer, x, y, batch_size=10, kl_weight=0.3)
+    assert seen == [0.3] * 4

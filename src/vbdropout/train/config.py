@@ -185,11 +185,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     )
     if config.kl_warmup is None and config.epochs is not None:
         # keep the protocol's proportions (rounded up) when the number of epochs changes,
-        # ending by the last epoch so that β = 1 in it (1 epoch: β = 1 throughout)
-        resolved.kl_warmup = tuple(
-            min(-(-e * resolved.epochs // protocol.epochs), max(resolved.epochs - 1, 0))
-            for e in protocol.kl_warmup
-        )
+        # starting before the last epoch and ending by the end of the run, so that β
+        # reaches 1 (β rises at every step: 1 epoch ramps it from 0 to 1 through the epoch)
+        start, end = (-(-e * resolved.epochs // protocol.epochs) for e in protocol.kl_warmup)
+        resolved.kl_warmup = (min(start, resolved.epochs - 1), min(end, resolved.epochs))
     if config.lr_decay_start is None and protocol.lr_decay_start is not None:
         resolved.lr_decay_start = resolved.epochs * protocol.lr_decay_start // protocol.epochs
     _check(

@@ -129,15 +129,17 @@ def train_epoch(
     y: Tensor,
     *,
     batch_size: int,
-    kl_weight: float,
+    kl_weight: float | Callable[[float], float],
     generator: torch.Generator | None = None,
     on_batch: Callable[[int, dict[str, float]], None] | None = None,
     shard: tuple[int, int] = (0, 1),
 ) -> dict[str, float]:
     """One pass over (x, y) in shuffled minibatches minimizing the per-example negative ELBO.
 
-    Returns the epoch means of ``loss``, ``nll`` (cross-entropy), ``kl`` and the
-    training ``error`` (of the noisy forward passes). Raises :class:`DivergenceError`
+    ``kl_weight``: β, or β as a function of the fraction of the epoch done before a step
+    (0 at its first step). Returns the epoch means of ``loss``, ``nll`` (cross-entropy),
+    the last step's ``kl`` and β (``kl_weight``), and the training ``error`` (of the noisy
+    forward passes). Raises :class:`DivergenceError`
     (naming the step and the quantity) instead of applying an update when the loss,
     the KL or a gradient is NaN/inf, or when an update makes a parameter NaN/inf.
     ``shard=(rank, world)``: this worker's share of every (global) batch.
@@ -155,8 +157,9 @@ def train_epoch(
         where = f"step {step + 1}/{steps}"
         if world > 1:
             xb, yb = xb[rank::world], yb[rank::world]
+        beta = kl_weight(step / steps) if callable(kl_weight) else kl_weight
         logits = _checked_forward(model, xb, where)
-        terms = elbo_terms(logits, yb, model, n, kl_weight, reduction="mean")
+        terms = elbo_terms(logits, yb, model, n, beta, reduction="mean")
         loss, kl = _checked_step(model, optimizer, terms, where)
         b = yb.shape[0]
         seen += b
@@ -170,6 +173,7 @@ def train_epoch(
         "loss": sums["loss"] / seen,
         "nll": sums["nll"] / seen,
         "kl": sums["kl"],
+        "kl_weight": beta,
         "train_error": sums["wrong"] / seen,
         "seconds": time.perf_counter() - start,
     }

@@ -5,16 +5,20 @@ from __future__ import annotations
 __all__ = ["kl_weight", "lr_factor"]
 
 
-def kl_weight(epoch: int, warmup_start: int, warmup_end: int) -> float:
-    """β for 0-based ``epoch``: 0 before ``warmup_start``, linear to 1 at ``warmup_end``, then 1.
+def kl_weight(progress: float, warmup_start: int, warmup_end: int) -> float:
+    """β after ``progress`` epochs of training: 0 before ``warmup_start``, linear to 1 at
+    ``warmup_end``, then 1.
 
-    The sparse VD protocol uses (5, 20): β = 0 for epochs < 5, (e − 5)/15 until 20.
+    The sparse VD protocol uses (5, 20): β = (t − 5)/15 for 5 ≤ t < 20. ``vbd train``
+    asks at every step (``progress`` = epoch + step/steps), so β rises smoothly, also
+    through a warm-up shorter than an epoch; a per-epoch loop (the demo, Lightning's
+    ``KLWarmup``) passes the epoch and keeps β through each epoch at its value at the start.
     """
-    if epoch < warmup_start:
+    if progress < warmup_start:
         return 0.0
-    if epoch >= warmup_end:
+    if progress >= warmup_end:
         return 1.0
-    return (epoch - warmup_start) / (warmup_end - warmup_start)
+    return (progress - warmup_start) / (warmup_end - warmup_start)
 
 
 def lr_factor(epoch: int, epochs: int, decay_start: int | None) -> float:

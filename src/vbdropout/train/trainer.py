@@ -307,7 +307,6 @@ def _epoch(run: _Run, epoch: int, bar: ProgressBar, board: Any, status: str) -> 
     ``board`` when not None) and checkpoint it. Returns the progress bar's new status
     (``status``, the last one, on the other processes)."""
     config, world = run.config, distributed.current()
-    beta = kl_weight(epoch, *config.kl_warmup)
     lr = run.optimizer.param_groups[0]["lr"]
 
     def on_batch(step: int, running: dict[str, float]) -> None:
@@ -323,7 +322,7 @@ def _epoch(run: _Run, epoch: int, bar: ProgressBar, board: Any, status: str) -> 
             run.train_x,
             run.train_y,
             batch_size=config.batch_size,
-            kl_weight=beta,
+            kl_weight=lambda done: kl_weight(epoch + done, *config.kl_warmup),
             generator=run.generator,
             on_batch=on_batch,
             shard=(world.rank, world.size),
@@ -353,7 +352,7 @@ def _epoch(run: _Run, epoch: int, bar: ProgressBar, board: Any, status: str) -> 
     row = {
         "epoch": epoch + 1,
         "lr": lr,
-        "kl_weight": beta,
+        "kl_weight": stats["kl_weight"],  # β of the epoch's last step
         **{k: stats[k] for k in ("loss", "nll", "kl", "train_error", "seconds")},
         "test_error": test["error"],
         "test_nll": test["nll"],
