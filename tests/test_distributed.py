@@ -15,7 +15,7 @@ from vbdropout.io import load_checkpoint
 def cli(out, shared_data, *extra):
     return [
         sys.executable, "-m", "vbdropout", "train", "--data-dir", str(shared_data),
-        "--train-subset", "2000", "--epochs", "4", "--kl-warmup", "1", "3", "--device", "cpu",
+        "--train-subset", "2000", "--epochs", "4", "--kl-warmup", "2", "3", "--device", "cpu",
         "--out", str(out), "--json", *extra,
     ]  # fmt: skip
 
