@@ -100,8 +100,9 @@ def main() -> None:
     lines = [
         "# Convolutional training step: contiguous vs channels-last (CPU)",
         "",
-        f"`python benchmarks/bench_layout.py --threads {args.threads}`: batch 100, median of "
-        f"{args.repeats} × {args.steps} steps each, interleaved; torch {torch.__version__}, "
+        f"`python benchmarks/bench_layout.py --threads {args.threads} --steps {args.steps} "
+        f"--repeats {args.repeats}`: batch 100, median of {args.repeats} × {args.steps} steps "
+        f"each, interleaved; torch {torch.__version__}, "
         f"load average at the end {machine['load_average'][0]:.2f}.",
         "",
         "| network | method | contiguous ms/step | channels-last ms/step | speedup |",

@@ -93,11 +93,14 @@ def warm_run(tmp_path_factory):
     return module, trainer
 
 
-def test_kl_weight_follows_the_warmup_schedule(warm_run):
+def test_kl_weight_follows_the_warmup_schedule_at_every_step(warm_run):
+    """As in ``vbd train``: β after epoch + batch/batches epochs, here (0, 2) over 4 batches."""
     module, _ = warm_run
-    betas = {epoch: beta for epoch, beta, _, _ in module.seen}
-    assert betas == {e: kl_weight(e, 0, 2) for e in range(EPOCHS)} == {0: 0.0, 1: 0.5, 2: 1.0}
-    assert len(module.seen) == EPOCHS * N // 64
+    batches = N // 64
+    assert len(module.seen) == EPOCHS * batches
+    betas = [beta for _, beta, _, _ in module.seen]
+    assert betas == [kl_weight(i / batches, 0, 2) for i in range(EPOCHS * batches)]
+    assert betas[: batches + 1] == [0.0, 0.125, 0.25, 0.375, 0.5] and betas[-1] == 1.0
 
 
 def test_loss_is_the_mean_negative_elbo(warm_run):
@@ -135,9 +138,9 @@ def test_kl_term_changes_the_parameters(warm_run, tmp_path):
     warm, _ = warm_run
     no_kl, _ = _fit(tmp_path, KLWarmup(start=10, end=20))  # β = 0 for all three epochs
     assert {beta for _, beta, _, _ in no_kl.seen} == {0.0}
-    # epoch 0 has β = 0 in both runs: the same steps
-    first = N // 64
-    assert [s[2] for s in warm.seen[:first]] == [s[2] for s in no_kl.seen[:first]]
+    # the first step has β = 0 in both runs and the same loss; then the KL acts in one
+    assert warm.seen[0][1:3] == no_kl.seen[0][1:3]
+    assert warm.seen[1][1] > 0 and warm.seen[1][2] != no_kl.seen[1][2]
 
     def mean_log_alpha(module):
         return torch.cat(

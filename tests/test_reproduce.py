@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from data_fakes import write_cifar, write_svhn
 
 from vbdropout.cli import main
@@ -136,8 +137,17 @@ def test_table5_vd_row_is_weight_level_sparse_vd_counted_in_whole_units(
     assert config.init is not None and "none-original" in config.init
     layers = [m for m in model.modules() if isinstance(m, GaussianWeight)]
     assert [layer.prior.name for layer in layers] == ["log_uniform"] * 3
-    reads = [int(layer.keep_mask().any(0).sum()) for layer in layers]
-    assert cell["neurons_per_layer"] == [*reads, 10]
+    # shrink's rule to a fixed point: a hidden unit stays while a kept unit of the next
+    # layer reads it and a kept input feeds it; an input pixel while a kept unit reads it
+    masks = [layer.keep_mask() for layer in layers]  # (out, in)
+    alive = [torch.ones(m.shape[1], dtype=torch.bool) for m in masks]
+    alive.append(torch.ones(masks[-1].shape[0], dtype=torch.bool))  # the 10 classes
+    for _ in range(len(masks)):
+        for i, mask in enumerate(masks):
+            alive[i] &= mask[alive[i + 1]].any(0)
+            if i > 0:
+                alive[i] &= masks[i - 1][:, alive[i - 1]].any(1)
+    assert cell["neurons_per_layer"] == [int(a.sum()) for a in alive]
 
 
 def test_rows_without_an_implemented_method_are_listed_not_run(tmp_path, monkeypatch):
@@ -211,7 +221,8 @@ def test_quick_budgets_use_all_data_and_scale_their_schedules(tmp_path):
             warmup = tuple(explicit) if explicit is not None else protocol.kl_warmup
             end = config.kl_warmup[1]
             assert end <= config.epochs // 2 + 1, f"{name}: KL warm-up ends by mid-run"
-            assert kl_weight(config.epochs, *config.kl_warmup) == 1, f"{name}: full KL at the end"
+            last_step = config.epochs - 0.01  # where a run's last steps are
+            assert kl_weight(last_step, *config.kl_warmup) >= 0.99, f"{name}: full KL at the end"
             if explicit is not None:
                 assert config.kl_warmup == warmup
             else:

@@ -6,7 +6,8 @@ The sparse VD protocol (Molchanov et al. 2017) on data that needs no download:
    ``pretrain_epochs`` (Adam, lr decaying linearly to 0 over the second half);
 2. load its weights into the same network with VBD layers (θ = the trained
    weights, log σ² = −10) and train that for ``epochs`` with a KL warm-up
-   over the whole phase (β = epoch/epochs, from 0 to 1; ``kl_warmup`` shortens it)
+   over the whole phase (β = t/epochs after t epochs, rising at every step from 0 to 1;
+   ``kl_warmup`` shortens it)
    and the same lr decay;
 3. report the test error before (the plain network) and after (VBD, weights with
    log α > 3 pruned), and the compression |W|/|W≠0|.
@@ -60,18 +61,17 @@ def _fit(
     for epoch in range(epochs):
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(epoch, epochs, epochs // 2)
-        beta = kl_weight(epoch, *warmup)
         stats = train_epoch(
             model,
             optimizer,
             data.train_x,
             data.train_y,
             batch_size=batch_size,
-            kl_weight=beta,
+            kl_weight=lambda done, epoch=epoch: kl_weight(epoch + done, *warmup),
             generator=generator,
         )
         method.epoch_end(model, epoch, epochs)
-        bar.update(epoch + 1, f"β {beta:.2f} loss {stats['loss']:.3f}")
+        bar.update(epoch + 1, f"β {stats['kl_weight']:.2f} loss {stats['loss']:.3f}")
     bar.close()
 
 

@@ -25,6 +25,7 @@ schedules) and then logs the model's weight sparsity and compression ratio.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -157,11 +158,12 @@ _UNSET: Any = object()  # a deprecated argument not given
 class KLWarmup(pl.Callback):
     """Linear KL warm-up, the method's training events, and compression logging.
 
-    At the start of every training epoch e (0-based) sets ``pl_module.kl_weight`` to
-    β = 0 for e < start, (e − start) / (end − start) until ``end``, then 1 — the
-    schedule of :func:`vbdropout.train.schedules.kl_weight` (the sparse VD protocol
-    uses ``start=5, end=20``; ``start=end=0`` for methods without a KL warm-up, such
-    as the pruning baselines). When fitting starts it hooks the model to the
+    Before every training step sets ``pl_module.kl_weight`` to β at t = e + b/B epochs
+    (epoch e from 0, batch b of B): 0 for t < start, (t − start) / (end − start) until
+    ``end``, then 1 — :func:`vbdropout.train.schedules.kl_weight`, as ``vbd train`` does
+    (the sparse VD protocol uses ``start=5, end=20``; ``start=end=0`` for methods without
+    a KL warm-up, such as the pruning baselines). With a loader of unknown length, β
+    keeps its value at the epoch's start. When fitting starts it hooks the model to the
     trainer's optimizers (:func:`~vbdropout.nn.base.attach_optimizer`: pruned weights
     stay zero through their steps). At the end of every training epoch it runs
     ``method.epoch_end(pl_module, epoch, trainer.max_epochs)`` (``method``: a
@@ -212,9 +214,9 @@ class KLWarmup(pl.Callback):
         self.method = Method() if method is None else method
         self._handles: list[Any] = []
 
-    def kl_weight(self, epoch: int) -> float:
-        """β for the 0-based ``epoch``."""
-        return _scheduled_kl_weight(epoch, self.start, self.end)
+    def kl_weight(self, progress: float) -> float:
+        """β after ``progress`` epochs of training (0 at the first step)."""
+        return _scheduled_kl_weight(progress, self.start, self.end)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         scheduled = any(
@@ -234,8 +236,12 @@ class KLWarmup(pl.Callback):
             handle.remove()
         self._handles = []
 
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        pl_module.kl_weight = self.kl_weight(trainer.current_epoch)
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        batches = trainer.num_training_batches
+        done = batch_idx / batches if math.isfinite(batches) and batches > 0 else 0.0
+        pl_module.kl_weight = self.kl_weight(trainer.current_epoch + done)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if (trainer.max_epochs or 0) >= 1:

@@ -33,12 +33,13 @@ def final_epoch_end(
     the zero component (89.9% test error). If the step loses more than half of the
     network's margin over chance on (up to 10000) training examples, the state from
     before it is restored; returns what was done then (``None``: the step was kept).
-    A step that changes nothing (most methods') is not evaluated.
+    A step that changes nothing (most methods') is not evaluated; one that does holds
+    three copies of the state while it is judged, and must keep the state's keys.
     """
     before_state = {k: v.clone() for k, v in model.state_dict().items()}
     method.epoch_end(model, epoch, config.epochs)
     after_state = model.state_dict()
-    if all(torch.equal(after_state[k], v) for k, v in before_state.items()):
+    if all(_same(after_state[k], v) for k, v in before_state.items()):
         return None
     after_state = {k: v.clone() for k, v in after_state.items()}
     sample = slice(0, min(x.shape[0], 10000))
@@ -53,6 +54,17 @@ def final_epoch_end(
         f"the end-of-run step of --method {config.method} (for sws: quantizing the weights) "
         f"raised the training error from {100 * before:.1f}% to {100 * after:.1f}%, so it was "
         f"undone: the network keeps its weights from before it (train longer for it to apply)"
+    )
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN equal to NaN (DNS keeps NaN statistics until its surgery starts)."""
+    if torch.equal(a, b):
+        return True
+    return (
+        a.is_floating_point()
+        and a.shape == b.shape
+        and bool(((a == b) | (a.isnan() & b.isnan())).all())
     )
 
 

@@ -185,8 +185,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     )
     if config.kl_warmup is None and config.epochs is not None:
         # keep the protocol's proportions (rounded up) when the number of epochs changes,
-        # starting before the last epoch and ending by the end of the run, so that β
-        # reaches 1 (β rises at every step: 1 epoch ramps it from 0 to 1 through the epoch)
+        # starting before the last epoch and ending by the end of the run (β rises at
+        # every step: a 1-epoch run's warm-up spans it, its last step at β = 1 − 1/steps)
         start, end = (-(-e * resolved.epochs // protocol.epochs) for e in protocol.kl_warmup)
         resolved.kl_warmup = (min(start, resolved.epochs - 1), min(end, resolved.epochs))
     if config.lr_decay_start is None and protocol.lr_decay_start is not None:

@@ -150,7 +150,7 @@ def train_epoch(
     n = x.shape[0]
     steps = -(-n // batch_size)
     sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "wrong": 0.0}
-    seen = 0
+    seen, beta = 0, 0.0
     for step, (xb, yb) in enumerate(
         iterate_batches(x, y, batch_size, shuffle=True, generator=generator)
     ):

@@ -142,7 +142,7 @@ class StructuredVBDMethod(UnitNoiseMethod):
 
 @register
 class StructuredSparseVD(StructuredVBDMethod):
-    """The same per-unit layer with sparse VD's log-uniform prior (Table 5's "VD" row)."""
+    """The same per-unit layer with sparse VD's log-uniform prior (ours; no row of the paper)."""
 
     name = "sparse_vd_structured"
     prior = "log_uniform"
