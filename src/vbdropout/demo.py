@@ -17,7 +17,8 @@ scratch, the KL of 50,200 weights outweighs the data term and VBD ends at about
 twice the plain network's error. The warm-up over the whole phase is the less
 aggressive operating point: with β = 1 from mid-phase (``kl_warmup=epochs // 2``) the
 same seeds kept 1 weight in 143 at 0.64 points more error, against 1 in ~110 at
-~0.5 (docs/RESULTS.md, "vbd demo over seeds 0–9"). :func:`plot_demo` draws the learned log α per
+~0.5 (β raised once per epoch then; raised at every step, 0.28 points at 110×:
+docs/RESULTS.md, "vbd demo over seeds 0–19"). :func:`plot_demo` draws the learned log α per
 layer and the 8×8 mask of the input pixels that the first layer still reads.
 """
 
