@@ -66,9 +66,13 @@ def _learning_curves(cells: list[dict[str, Any]], path: Path, title: str) -> Non
 
 
 def _log_alpha_histograms(cell: dict[str, Any], path: Path) -> bool:
+    """Draw the log α of a cell's Gaussian layers into ``path``; False when there are none,
+    or when the run's checkpoint is gone (cells kept without their runs, docs/results)."""
     from ..nn.gaussian import GaussianWeight
     from ..train.runs import load_run
 
+    if not (Path(cell["run_dir"]) / "checkpoint.pt").is_file():
+        return False
     model, _, _ = load_run(cell["run_dir"])
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, GaussianWeight)]
     if not layers:
