@@ -140,3 +140,34 @@ def test_moments_restored_in_another_layout_follow_their_weights(tmp_path):
         # a tenth of the step lr: rounding moves Adam's step of a near-zero gradient a
         # little; moments paired with other weights move it by up to lr
         torch.testing.assert_close(b, a, rtol=0, atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("method", ["pruning", "dns", "ssl", "sws"])
+def test_epoch_schedules_prune_the_same_weights_channels_last(method):
+    """The methods whose layers act at epoch ends (masks, group removal, quantization) and
+    draw no noise end four steps-and-hooks with the same network in either layout."""
+    from vbdropout.models import build_model
+    from vbdropout.nn.base import attach_optimizer
+    from vbdropout.train.runs import run_method
+
+    data = _fake_mnist()
+    config = resolve_config(TrainConfig(model="lenet5_caffe", method=method))
+    outputs = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        chosen = run_method(config, data)
+        model = build_model("lenet5_caffe", chosen, input_shape=(1, 28, 28))
+        if channels_last:
+            model = to_run_device(model, CPU)
+        optimizer = make_adam(model.parameters(), 1e-3)
+        attach_optimizer(model, optimizer)
+        for epoch in range(4):
+            model.train()
+            optimizer.zero_grad()
+            loss = elbo_loss(model(data.train_x), data.train_y, model, 32, reduction="mean")
+            loss.backward()
+            optimizer.step()
+            chosen.epoch_end(model, epoch, 4)
+        with torch.no_grad():
+            outputs.append(model.eval()(data.test_x))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
