@@ -9,6 +9,7 @@ in well under a minute on two cores. docs/RELIABILITY.md summarizes the outcomes
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 import os
@@ -45,9 +46,13 @@ from torch import nn
 from vbdropout.cli import main
 from vbdropout.data import DataError, load_dataset
 from vbdropout.io import FAULT_ENV, CheckpointError, load_checkpoint
+from vbdropout.models import METHODS, build_model
+from vbdropout.models.methods import method_class
 from vbdropout.nn import LinearVBD
+from vbdropout.nn.base import attach_optimizer
 from vbdropout.priors import LOG_ALPHA_RANGE
 from vbdropout.train import DivergenceError, TrainConfig, train, train_epoch
+from vbdropout.train.loop import REPORT_EVERY, make_adam
 from vbdropout.train.rundir import _alive, _holder_pid
 from vbdropout.train.runs import load_run
 
@@ -443,6 +448,181 @@ def test_cli_reports_divergence_in_one_line(
         err,
     ), err
     assert not (out / "checkpoint.pt").exists()
+
+
+# ------------------------------------------- divergence checked once per epoch (GPU path)
+
+
+def deferred_epochs(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    checks: str,
+    epochs: int = 1,
+    lr: float = 1e-2,
+) -> tuple[list[dict[str, float]], torch.optim.Optimizer]:
+    """``epochs`` epochs of fused Adam with ``checks``, the shuffling and noise seeded."""
+    optimizer = make_adam(model.parameters(), lr)
+    torch.manual_seed(1)
+    shuffle = torch.Generator().manual_seed(2)
+    stats = [
+        train_epoch(
+            model, optimizer, x, y, batch_size=5, kl_weight=0.5, generator=shuffle, checks=checks
+        )
+        for _ in range(epochs)
+    ]
+    return stats, optimizer
+
+
+def test_checks_once_per_epoch_train_exactly_like_checks_at_every_step() -> None:
+    runs = {}
+    for checks in ("step", "epoch"):
+        model, x, y = tiny_problem()
+        stats, optimizer = deferred_epochs(model, x, y, checks, epochs=3)
+        runs[checks] = stats, model.state_dict(), optimizer.state_dict()["state"]
+    (stats, weights, moments), (stats_e, weights_e, moments_e) = runs["step"], runs["epoch"]
+    assert_same(weights_e, weights, "parameters")
+    for key, state in moments.items():
+        assert_same(moments_e[key], state, f"Adam state {key}")
+    for one, other in zip(stats, stats_e, strict=True):
+        assert one.keys() == other.keys()
+        for key in ("loss", "nll", "kl", "kl_weight", "train_error"):
+            assert other[key] == pytest.approx(one[key], rel=1e-6), key
+    model, _, _ = tiny_problem()
+    assert all(isinstance(v, float) for v in stats_e[0].values())
+    assert all(
+        m.check_inputs and "check_inputs" not in vars(m)
+        for m in model.modules()
+        if isinstance(m, LinearVBD)
+    )
+
+
+def test_checks_once_per_epoch_skip_the_failing_update_and_every_later_one() -> None:
+    model, x, y = tiny_problem()
+    calls, before = [], {}
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:
+            before.update(params_of(model))  # the parameters after step 1
+        return grad * math.nan if len(calls) == 2 else grad  # only step 2's gradient
+
+    model[2].log_sigma2.register_hook(poison)
+    optimizer = make_adam(model.parameters(), 1e-2)
+    with pytest.raises(
+        DivergenceError,
+        match=r"^step 2/4: the gradient of 2\.log_sigma2 is NaN/inf at loss=\S+ kl=\S+ "
+        r"\(neither this update nor a later one of the epoch was applied\)$",
+    ):
+        train_epoch(model, optimizer, x, y, batch_size=5, kl_weight=1.0, checks="epoch")
+    assert len(calls) == 4  # the epoch ran to its end, steps 3 and 4 skipped on the device
+    assert_same(params_of(model), before, "parameters")
+    assert [float(state["step"]) for state in optimizer.state.values()] == [1.0] * 6
+    assert all(m.check_inputs and "check_inputs" not in vars(m) for m in (model[0], model[2]))
+
+
+def test_checks_once_per_epoch_report_a_nan_loss_and_an_overflowing_update() -> None:
+    model, x, y = tiny_problem()
+    model[2].register_forward_hook(lambda m, i, out: out * math.nan if m.training else out)
+    before = params_of(model)
+    with pytest.raises(DivergenceError, match=r"^step 1/4: loss=nan kl=\S+ \(neither this"):
+        deferred_epochs(model, x, y, "epoch")
+    assert_same(params_of(model), before, "parameters")
+    for checks in ("step", "epoch"):  # an Adam step of 1e39 leaves float32
+        model, x, y = tiny_problem()
+        with pytest.raises(DivergenceError, match=r"^step 1/4: parameter 0\.\S+ became NaN/inf"):
+            deferred_epochs(model, x, y, checks, lr=1e39)
+    model, x, y = tiny_problem()
+    with pytest.raises(ValueError, match=r"checks='epoch' needs a fused torch\.optim\.Adam"):
+        train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y,
+                    batch_size=5, kl_weight=1.0, checks="epoch")  # fmt: skip
+    with pytest.raises(ValueError, match="checks must be 'step' or 'epoch', got 'never'"):
+        deferred_epochs(model, x, y, "never")
+
+
+def test_checks_once_per_epoch_read_progress_every_report_interval() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(LinearVBD(4, 3))
+    x, y = torch.randn(REPORT_EVERY * 5 + 7, 4), torch.randint(0, 3, (REPORT_EVERY * 5 + 7,))
+    seen: list[int] = []
+    optimizer = make_adam(model.parameters(), 1e-3)
+    stats = train_epoch(
+        model, optimizer, x, y, batch_size=5, kl_weight=1.0, checks="epoch",
+        on_batch=lambda step, running: seen.append(step),
+    )  # fmt: skip
+    steps = -(-len(x) // 5)
+    assert seen == [*range(REPORT_EVERY, steps, REPORT_EVERY), steps]
+    assert 0 < stats["train_error"] < 1
+
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("dns", "sws")])
+def test_checks_once_per_epoch_read_the_device_a_fixed_number_of_times_per_epoch(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU path's contract, counted on the CPU: no host read per step, whatever the
+    method (DNS draws its surgery and SWS reads whether its prior is on at every step)."""
+    reads = {name: 0 for name in HOST_READS}
+
+    def counted(name: str) -> Callable[..., Any]:
+        original = getattr(torch.Tensor, name)
+
+        def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            reads[name] += 1
+            return original(self, *args, **kwargs)
+
+        return read
+
+    counts = []
+    for steps in (3, 6):
+        torch.manual_seed(0)
+        run = {"log_alpha_threshold": 3.0, "unit_threshold": 0.0, "train_clip": True}
+        model = build_model(
+            "lenet5_caffe", method_class(method).from_run(run | {"dataset_size": 600})
+        )
+        optimizer = make_adam(model.parameters(), 1e-3)
+        attach_optimizer(model, optimizer)
+        x, y = torch.randn(steps * 20, 1, 28, 28), torch.randint(0, 10, (steps * 20,))
+        with monkeypatch.context() as patch:
+            for name in HOST_READS:
+                patch.setattr(torch.Tensor, name, counted(name))
+            train_epoch(model, optimizer, x, y, batch_size=20, kl_weight=1.0, checks="epoch")
+        counts.append(dict(reads))
+        reads.update(dict.fromkeys(HOST_READS, 0))
+    assert counts[0] == counts[1], counts  # the same reads for 3 steps and for 6
+    assert sum(counts[0].values()) <= 3, counts[0]
+
+
+def test_a_run_checked_once_per_epoch_keeps_its_last_good_checkpoint(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer's GPU path (checks once per epoch), forced on the CPU."""
+    import vbdropout.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "checks_for", lambda device, optimizer: "epoch")
+    out = tmp_path / "run"
+    config = TrainConfig(
+        model="lenet300_100", dataset="mnist", data_dir=str(shared_data), out=str(out),
+        epochs=2, train_subset=SUBSET, device="cpu", lr=1e30,
+    )  # fmt: skip
+    with pytest.raises(DivergenceError) as info:
+        train(config, progress=False)
+    assert re.fullmatch(
+        rf"training diverged in epoch 1, step 1/6: .+ \(.+\); no checkpoint was written to "
+        rf"{re.escape(str(out))}",
+        str(info.value),
+    ), str(info.value)
+    assert not (out / "checkpoint.pt").exists()
+    config = TrainConfig(
+        model="lenet300_100", dataset="mnist", data_dir=str(shared_data), out=str(tmp_path / "ok"),
+        epochs=2, train_subset=SUBSET, device="cpu",
+    )  # fmt: skip
+    summary = train(config, progress=False)
+    monkeypatch.undo()
+    config = dataclasses.replace(config, out=str(tmp_path / "per-step"))
+    assert train(config, progress=False)["test_error"] == summary["test_error"]
 
 
 def test_trained_log_alpha_and_sigma2_stay_in_their_ranges(

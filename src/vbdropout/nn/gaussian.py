@@ -79,7 +79,6 @@ class GaussianWeight(PrunableWeight, VariationalModule):
 
     weight: Tensor
     bias: Tensor | None
-    check_inputs: bool = True
     threshold_option = "log_alpha_threshold"
 
     def __init__(

@@ -48,7 +48,7 @@ from ..nn.base import attach_optimizer
 from . import distributed, rundir
 from .checks import final_epoch_end, run_warnings
 from .config import ConfigError, TrainConfig, resolve_config, to_toml
-from .loop import DivergenceError, evaluate, make_adam, train_epoch
+from .loop import DivergenceError, checks_for, evaluate, make_adam, train_epoch
 from .progress import ProgressBar
 from .runs import build_run_model, resolve_device, run_data, run_method, to_run_device
 from .schedules import kl_weight, lr_factor
@@ -326,6 +326,7 @@ def _epoch(run: _Run, epoch: int, bar: ProgressBar, board: Any, status: str) -> 
             generator=run.generator,
             on_batch=on_batch,
             shard=(world.rank, world.size),
+            checks=checks_for(run.device, run.optimizer),
         )
     except DivergenceError as err:
         bar.close()
