@@ -94,9 +94,9 @@ class StochasticModule(nn.Module):
     """
 
     mc: bool = False
-    # whether forward raises on a NaN/inf input or output (a host sync per call);
-    # training loops that check once per epoch turn it off for the epoch
-    check_inputs: bool = True
+    # whether forward raises on a NaN/inf output (a host sync per call where a layer
+    # checks it); training loops that check once per epoch turn it off for the epoch
+    check_finite: bool = True
 
     def train(self, mode: bool = True) -> StochasticModule:
         """``nn.Module.train``; also changes :func:`state_key` (caches are rebuilt)."""

@@ -79,6 +79,7 @@ class GaussianWeight(PrunableWeight, VariationalModule):
 
     weight: Tensor
     bias: Tensor | None
+    check_inputs: bool = True
     threshold_option = "log_alpha_threshold"
 
     def __init__(
@@ -280,7 +281,7 @@ class GaussianWeight(PrunableWeight, VariationalModule):
                 out = kernels.lrt_sample(mean, var, _VAR_EPS)
             else:
                 out = mean + torch.sqrt(var + _VAR_EPS) * standard_normal_like(mean)
-        if self.check_inputs:
+        if self.check_inputs and self.check_finite:
             self._check_finite(x, out)
         return out
 

@@ -43,6 +43,8 @@ class UnitNoise(Prunable, VariationalModule):
     :meth:`posterior_mean`; the evaluation multiplier is their product.
     """
 
+    check_inputs: bool = True
+
     def __init__(self, num_units: int) -> None:
         super().__init__()
         if num_units <= 0:

@@ -163,88 +163,111 @@ def checks_for(device: torch.device, optimizer: torch.optim.Optimizer) -> Litera
     return "epoch" if device.type == "cuda" and defers_checks(optimizer) else "step"
 
 
-class _DeferredChecks:
-    """The divergence checks of :func:`_checked_step` without a host sync per step.
+class _DeviceEpoch:
+    """The steps of one ``checks="epoch"`` epoch: checks and statistics stay on the device.
 
-    Each step's loss, KL, gradients, updated parameters and σ² overflow flags are
-    tested on the device. The first failure is recorded (step, kind, which tensor,
-    loss and KL) and sets the fused Adam's ``found_inf``, which makes it skip that
-    update and every later one of the epoch, so the parameters stay those before the
-    failing step (or, for a failure of the update itself, right after it, as in the
-    per-step checks). :meth:`raise_if_failed` reads the record once, at the end.
+    Each step writes one row of ``rows`` with one copy: the loss, the KL, one probe per
+    gradient, the mean cross-entropy, the number of wrong predictions, one probe per
+    parameter after the update and the σ² overflow flags. A probe is the sum of
+    ``t · 0``: 0 for finite entries and NaN for a NaN or inf, so, unlike a plain sum, it
+    cannot overflow from large finite values. ``skip`` (fused Adam's ``found_inf``)
+    becomes 1 at the first non-finite loss, KL or gradient and stays 1, so that update
+    and every later one of the epoch are skipped on the device: the parameters stay
+    those before the failing step (or right after a failing update, as with the checks
+    at every step). :meth:`finish` reads the rows once and raises the
+    :class:`DivergenceError` of the first failure, as :func:`_checked_step` would have.
     """
 
-    KINDS = ("loss", "gradient", "parameter", "sigma2")
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, device: torch.device
+    ) -> None:
         if not defers_checks(optimizer):
             raise ValueError(
                 "checks='epoch' needs a fused torch.optim.Adam (its found_inf skips an "
                 f"update without a host sync), got {type(optimizer).__name__} "
                 f"with fused={optimizer.defaults.get('fused')}"
             )
-        self.model, self.optimizer, self.steps = model, optimizer, steps
+        self.model, self.optimizer = model, optimizer
         self.params = list(model.named_parameters())
-        device = self.params[0][1].device
-        self.skip = torch.zeros((), device=device)  # Adam's found_inf: 1.0 skips updates
-        self.first = torch.zeros(3, dtype=torch.long, device=device)  # step+1, kind, tensor
-        self.values = torch.zeros(2, device=device)  # the loss and KL at that step
+        self.variance_names = [name for name, _ in _variance_flags(model)]
+        self.batches: list[int] = []  # the examples of each step done
+        width = 4 + 2 * len(self.params) + len(self.variance_names)
+        self.rows = torch.zeros(steps, width, dtype=torch.float64, device=device)
+        self.skip = torch.zeros((), dtype=torch.float32, device=device)  # found_inf
 
-    def _record(self, bad: Tensor, step: int, kind: str, terms: ElboTerms) -> None:
-        """Record failure ``kind`` at ``step`` where ``bad`` (one flag per tensor) has one."""
-        fresh = bad.any() & (self.first[0] == 0)
-        index = bad.long().argmax()
-        record = torch.stack([index * 0 + step + 1, index * 0 + self.KINDS.index(kind), index])
-        self.first.copy_(torch.where(fresh, record, self.first))
-        values = torch.stack([terms.loss.detach(), terms.kl.detach()]).to(self.values.dtype)
-        self.values.copy_(torch.where(fresh, values, self.values))
-        self.skip.copy_(torch.maximum(self.skip, fresh.to(self.skip.dtype)))
-
-    def step(self, terms: ElboTerms, step: int) -> None:
-        """Backward and a fused Adam step that is skipped once anything failed."""
-        self._record(
-            ~torch.isfinite(torch.stack([terms.loss, terms.kl]).detach()), step, "loss", terms
-        )
+    def step(self, index: int, logits: Tensor, targets: Tensor, terms: ElboTerms) -> None:
+        """Backward pass and fused Adam step ``index`` (skipped once anything failed)."""
+        self.batches.append(targets.shape[0])
         self.optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
-        self._record(self._nonfinite(p.grad for _, p in self.params), step, "gradient", terms)
+        grads = _probes((p.grad for _, p in self.params), terms.loss)
+        before = _stacked([terms.loss, terms.kl, *grads])
+        failed = torch.isfinite(before).logical_not_().any()
+        torch.maximum(self.skip, failed.to(self.skip.dtype), out=self.skip)
         self.optimizer.found_inf = self.skip  # type: ignore[attr-defined]
         try:
             self.optimizer.step()
         finally:
             del self.optimizer.found_inf  # type: ignore[attr-defined]
-        self._record(self._nonfinite(p for _, p in self.params), step, "parameter", terms)
-        if flagged := _variance_flags(self.model):
-            self._record(torch.stack([flag for _, flag in flagged]), step, "sigma2", terms)
+        wrong = (logits.argmax(1) != targets).sum()
+        params = _probes((p for _, p in self.params), terms.loss)
+        flags = [flag for _, flag in _variance_flags(self.model)]
+        self.rows[index].copy_(torch.cat([before, _stacked([terms.nll, wrong, *params, *flags])]))
 
-    def _nonfinite(self, tensors: Iterable[Tensor | None]) -> Tensor:
-        """One flag per tensor of ``self.params`` (False for a missing gradient): whether
-        the sum of ``t · 0`` is not finite. It is 0 for finite entries and NaN for a NaN
-        or inf, so unlike a plain sum it cannot overflow from large finite values."""
-        sums = [
-            (t.detach() * 0).sum() if t is not None else self.skip.new_zeros(())
-            for t in tensors
-        ]  # fmt: skip
-        return ~torch.isfinite(torch.stack([s.float() for s in sums]))
+    def running(self, steps: int) -> dict[str, float]:
+        """The mean loss and training error of the first ``steps`` steps (one host read)."""
+        p = len(self.params)
+        rows = self.rows[:steps, [0, 3 + p]].tolist()
+        seen = sum(self.batches[:steps])
+        return {
+            "loss": sum(r[0] * b for r, b in zip(rows, self.batches, strict=False)) / seen,
+            "error": sum(r[1] for r in rows) / seen,
+        }
 
-    def raise_if_failed(self) -> None:
-        """Raise the :class:`DivergenceError` of the first failure (one host sync)."""
-        step, kind, index = self.first.tolist()
-        if not step:
-            return
-        where = f"step {step}/{self.steps}"
-        loss, kl = self.values.tolist()
+    def finish(self) -> dict[str, float]:
+        """The epoch's statistics, or the :class:`DivergenceError` of its first failure."""
+        rows = self.rows.tolist()  # the one host read of the epoch
+        steps, p = len(rows), len(self.params)
+        rows = rows[: len(self.batches)]
         unapplied = "neither this update nor a later one of the epoch was applied"
-        kind = self.KINDS[kind]
-        if kind == "loss":
-            message = _loss_message(where, loss, kl, unapplied)
-        elif kind == "gradient":
-            message = _gradient_message(where, self.params[index][0], loss, kl, unapplied)
-        elif kind == "parameter":
-            message = _parameter_message(where, self.params[index][0])
-        else:
-            message = _variance_message(where, _variance_flags(self.model)[index][0])
-        raise DivergenceError(message)
+        for index, row in enumerate(rows):
+            where, (loss, kl) = f"step {index + 1}/{steps}", row[:2]
+            grads, params, variances = row[2 : 2 + p], row[4 + p : 4 + 2 * p], row[4 + 2 * p :]
+            if not (math.isfinite(loss) and math.isfinite(kl)):
+                raise DivergenceError(_loss_message(where, loss, kl, unapplied))
+            if (bad := _first_failed(grads)) is not None:
+                name = self.params[bad][0]
+                raise DivergenceError(_gradient_message(where, name, loss, kl, unapplied))
+            if (bad := _first_failed(params)) is not None:
+                raise DivergenceError(_parameter_message(where, self.params[bad][0]))
+            if (bad := _first_failed(variances)) is not None:
+                raise DivergenceError(_variance_message(where, self.variance_names[bad]))
+        seen = sum(self.batches)
+        return {
+            "loss": sum(r[0] * b for r, b in zip(rows, self.batches, strict=True)) / seen,
+            "nll": sum(r[2 + p] * b for r, b in zip(rows, self.batches, strict=True)) / seen,
+            "kl": rows[-1][1],
+            "train_error": sum(r[3 + p] for r in rows) / seen,
+        }
+
+
+def _probes(tensors: Iterable[Tensor | None], like: Tensor) -> list[Tensor]:
+    """Per tensor, the sum of ``t · 0``: 0, or NaN if ``t`` holds a NaN or inf (0 for
+    ``None``, a missing gradient; on ``like``'s device)."""
+    return [(t.detach() * 0).sum() if t is not None else like.new_zeros(()) for t in tensors]
+
+
+def _stacked(values: list[Tensor]) -> Tensor:
+    """0-dim tensors (any dtypes, one device) as one float64 vector (one conversion)."""
+    return torch.stack([v.detach() for v in values]).to(torch.float64)
+
+
+def _first_failed(values: list[float]) -> int | None:
+    """The index of the first probe or flag that marks a failure (not 0 or not finite)."""
+    return next((i for i, v in enumerate(values) if v != 0 or not math.isfinite(v)), None)
+
+
+REPORT_EVERY = 50  # steps between the progress reads of train_epoch(checks="epoch")
 
 
 def train_epoch(
@@ -275,8 +298,8 @@ def train_epoch(
     keeps them and the statistics on the device and reads them once at the end of
     the epoch (and for ``on_batch`` every :data:`REPORT_EVERY` steps); the first failing
     step and every later one leave the parameters unchanged (fused Adam's
-    ``found_inf``), and the layers' own per-call NaN checks are off for the epoch, so a
-    NaN input is reported as divergence there. It needs a fused Adam
+    ``found_inf``), and the layers' own per-call NaN/inf output checks are off for the
+    epoch, so a NaN input is reported as divergence there. It needs a fused Adam
     (:func:`defers_checks`).
     """
     if checks not in ("step", "epoch"):
@@ -286,13 +309,10 @@ def train_epoch(
     start = time.perf_counter()
     n = x.shape[0]
     steps = -(-n // batch_size)
-    deferred = _DeferredChecks(model, optimizer, steps) if checks == "epoch" else None
-    # loss·b, nll·b, wrong: on the device with deferred checks, floats otherwise
-    sums: Tensor | list[float] = (
-        torch.zeros(3, dtype=torch.float64, device=x.device) if deferred else [0.0, 0.0, 0.0]
-    )
+    on_device = _DeviceEpoch(model, optimizer, steps, x.device) if checks == "epoch" else None
+    totals = [0.0, 0.0, 0.0]  # loss·b, nll·b and wrong predictions (checks="step")
     seen, beta, kl = 0, 0.0, 0.0
-    with _layer_checks(model, enabled=deferred is None):
+    with _finite_checks(model, enabled=on_device is None):
         for step, (xb, yb) in enumerate(
             iterate_batches(x, y, batch_size, shuffle=True, generator=generator)
         ):
@@ -300,63 +320,55 @@ def train_epoch(
             if world > 1:
                 xb, yb = xb[rank::world], yb[rank::world]
             beta = kl_weight(step / steps) if callable(kl_weight) else kl_weight
-            b = yb.shape[0]
-            seen += b
-            if deferred is not None:
+            seen += yb.shape[0]
+            if on_device is not None:
                 logits = model(xb)
                 terms = elbo_terms(logits, yb, model, n, beta, reduction="mean")
-                deferred.step(terms, step)
-                wrong = (logits.argmax(1) != yb).sum()
-                sums += torch.stack([terms.loss.detach() * b, terms.nll.detach() * b, wrong])
-                kl = terms.kl.detach()
-                report = on_batch is not None and (
-                    (step + 1) % REPORT_EVERY == 0 or step + 1 == steps
-                )
-                values = sums.tolist() if report else None
-            else:
-                logits = _checked_forward(model, xb, where)
-                terms = elbo_terms(logits, yb, model, n, beta, reduction="mean")
-                loss, kl = _checked_step(model, optimizer, terms, where)
-                sums[0] += loss * b
-                sums[1] += terms.nll.item() * b
-                sums[2] += (logits.argmax(1) != yb).sum().item()
-                values = sums
-            if on_batch is not None and values is not None:
-                on_batch(step + 1, {"loss": values[0] / seen, "error": values[2] / seen})
-    if deferred is not None:
-        deferred.raise_if_failed()
-        sums, kl = sums.tolist(), float(kl)
-    return {
-        "loss": sums[0] / seen,
-        "nll": sums[1] / seen,
-        "kl": kl,
-        "kl_weight": beta,
-        "train_error": sums[2] / seen,
-        "seconds": time.perf_counter() - start,
-    }
-
-
-REPORT_EVERY = 50  # steps between the progress reads of train_epoch(checks="epoch")
+                on_device.step(step, logits, yb, terms)
+                if on_batch is not None and (step + 1) % REPORT_EVERY == 0:
+                    on_batch(step + 1, on_device.running(step + 1))
+                continue
+            logits = _checked_forward(model, xb, where)
+            terms = elbo_terms(logits, yb, model, n, beta, reduction="mean")
+            loss, kl = _checked_step(model, optimizer, terms, where)
+            totals[0] += loss * yb.shape[0]
+            totals[1] += terms.nll.item() * yb.shape[0]
+            totals[2] += (logits.argmax(1) != yb).sum().item()
+            if on_batch is not None:
+                on_batch(step + 1, {"loss": totals[0] / seen, "error": totals[2] / seen})
+    if on_device is not None:
+        stats = on_device.finish()
+        if on_batch is not None and steps % REPORT_EVERY:
+            on_batch(steps, {"loss": stats["loss"], "error": stats["train_error"]})
+    else:
+        stats = {
+            "loss": totals[0] / seen,
+            "nll": totals[1] / seen,
+            "kl": kl,
+            "train_error": totals[2] / seen,
+        }
+    return {**stats, "kl_weight": beta, "seconds": time.perf_counter() - start}
 
 
 @contextmanager
-def _layer_checks(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """With ``enabled`` False, the stochastic layers' per-call NaN checks are off inside."""
+def _finite_checks(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """With ``enabled`` False, the stochastic layers' per-call NaN/inf output checks
+    (``check_finite``, a host sync each) are off inside; their shape checks stay on."""
     if enabled:
         yield
         return
     layers = [m for m in model.modules() if isinstance(m, StochasticModule)]
-    saved = [m.__dict__.get("check_inputs") for m in layers]
+    saved = [vars(m).get("check_finite") for m in layers]
     for m in layers:
-        m.check_inputs = False
+        m.check_finite = False
     try:
         yield
     finally:
         for m, value in zip(layers, saved, strict=True):
             if value is None:
-                del m.check_inputs
+                del m.check_finite
             else:
-                m.check_inputs = value
+                m.check_finite = value
 
 
 @torch.no_grad()
