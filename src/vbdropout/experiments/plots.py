@@ -65,15 +65,18 @@ def _learning_curves(cells: list[dict[str, Any]], path: Path, title: str) -> Non
     plt.close(fig)
 
 
-def _log_alpha_histograms(cell: dict[str, Any], path: Path) -> bool:
+def _log_alpha_histograms(cell: dict[str, Any], path: Path, data_dir: str | None) -> bool:
     """Draw the log α of a cell's Gaussian layers into ``path``; False when there are none,
-    or when the run's checkpoint is gone (cells kept without their runs, docs/results)."""
+    or when the run's checkpoint is gone (cells kept without their runs, docs/results).
+
+    ``data_dir``: where the run's data set is read (None: the folder its config saved).
+    """
     from ..nn.gaussian import GaussianWeight
     from ..train.runs import load_run
 
     if not (Path(cell["run_dir"]) / "checkpoint.pt").is_file():
         return False
-    model, _, _ = load_run(cell["run_dir"])
+    model, _, _ = load_run(cell["run_dir"], data_dir)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, GaussianWeight)]
     if not layers:
         return False
@@ -122,8 +125,14 @@ def _sparsity_bars(cells: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_cells(spec: Table, cells: list[dict[str, Any]], base: Path) -> list[str]:
-    """Write the plots of ``cells`` into ``base``; returns their paths."""
+def plot_cells(
+    spec: Table, cells: list[dict[str, Any]], base: Path, data_dir: str | None = None
+) -> list[str]:
+    """Write the plots of ``cells`` into ``base``; returns their paths.
+
+    ``data_dir``: the data folder of the runs whose log α histograms are drawn (None: each
+    run's own).
+    """
     if not cells:
         return []
     base.mkdir(parents=True, exist_ok=True)
@@ -138,6 +147,6 @@ def plot_cells(spec: Table, cells: list[dict[str, Any]], base: Path) -> list[str
         path = base / f"log_alpha_{Path(cell['run_dir']).name}.png"
         if cell["seed"] != 0 or str(path) in written:  # rows may share a run
             continue
-        if _log_alpha_histograms(cell, path):
+        if _log_alpha_histograms(cell, path, data_dir):
             written.append(str(path))
     return written

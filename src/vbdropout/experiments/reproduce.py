@@ -256,7 +256,7 @@ def reproduce(
     finished = _finished_cells(spec, base)  # also those of earlier runs with other --only
     markdown = table_markdown(spec, budget, finished, skipped)
     atomic_write_bytes(out / name, markdown.encode())
-    plots = _plots(spec, finished, base)
+    plots = _plots(spec, finished, base, data_dir)
     return {
         "table": table,
         "budget": budget,
@@ -432,7 +432,7 @@ def _difference(name: str, a: list[float], b: list[float], unit: str, digits: in
     return f"{name} {d.estimate:+.{digits}f} [{d.low:+.{digits}f}, {d.high:+.{digits}f}]{unit}"
 
 
-def _plots(spec: Table, cells: list[dict[str, Any]], base: Path) -> list[str]:
+def _plots(spec: Table, cells: list[dict[str, Any]], base: Path, data_dir: str | None) -> list[str]:
     """Learning curves, log α histograms and per-layer sparsity bars (needs matplotlib).
 
     Without matplotlib no plot is written and one line on stderr says which extra to install.
@@ -442,4 +442,4 @@ def _plots(spec: Table, cells: list[dict[str, Any]], base: Path) -> list[str]:
     except ImportError:
         print(PLOTS_NEED_MATPLOTLIB, file=sys.stderr)
         return []
-    return plot_cells(spec, cells, base)
+    return plot_cells(spec, cells, base, data_dir)
