@@ -91,7 +91,7 @@ def test_table3_runs_end_to_end_on_generated_svhn_files(table3_argv, capsys):
     assert result["skipped"] == []
 
 
-def test_quick_table4_rows_on_real_mnist_with_plots(tmp_path, shared_data):
+def test_quick_table4_rows_on_real_mnist_with_plots(tmp_path, shared_data, capsys):
     pytest.importorskip("matplotlib")
     import shutil
 
@@ -108,11 +108,18 @@ def test_quick_table4_rows_on_real_mnist_with_plots(tmp_path, shared_data):
     assert any("log_alpha_" in p for p in result["plots"])
     markdown = (tmp_path / "table4-custom-e2-n2000.md").read_text()
     assert "98.7-97.4-87.4" in markdown and "98.9-98.1-90.9" in markdown
-    # every cell finished: the log α histograms are redrawn from the runs with the data
-    # folder of this call, not the one the runs were trained with
+    # every cell finished: `vbd reproduce --data-dir` redraws the log α histograms from the
+    # runs with its own data folder, not the one the runs were trained with
     shutil.rmtree(moved)
-    again = reproduce("table4", only="^Ours .*lenet300_100", data_dir=str(shared_data), **options)
-    assert again["cells"] == result["cells"]
+    cell_files = {p: p.read_bytes() for p in tmp_path.glob("*/cells/*/seed*.json")}
+    argv = ["reproduce", "table4", "--only", "^Ours .*lenet300_100", "--out", str(tmp_path),
+            "--epochs", "2", "--train-subset", "2000", "--device", "cpu",
+            "--data-dir", str(shared_data), "--json"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    again = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert {p: p.read_bytes() for p in cell_files} == cell_files  # nothing recomputed
+    assert len(cell_files) == 2
     assert any("log_alpha_" in p for p in again["plots"])
 
 
