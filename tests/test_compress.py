@@ -113,6 +113,22 @@ def test_units_are_removed_exactly_as_the_masks_say():
     assert units[1] <= kept[1] and units[2] <= kept[2]
 
 
+def test_a_conv_net_reads_only_the_kept_positions_of_its_kept_channels(mnist_batch):
+    """Table 5 counts LeNet-5's dense input as the features it reads: the positions whose
+    own unit is kept, of the channels that are kept (not 16 per kept channel)."""
+    x, _ = mnist_batch
+    model = structured_lenet5(torch.Generator().manual_seed(0)).eval()
+    channels = model[3][1].keep_mask()
+    positions = model[7][0].keep_mask().view(50, 16)
+    read = positions & channels.view(50, 1)
+    small = shrink(model)
+    assert any(type(m).__name__ == "InputSelect" for m in small[1:])
+    units = neurons_per_layer(small)
+    assert units[1] == int(read.any(1).sum())
+    assert units[2] == int(read.sum()) < 16 * units[1]
+    assert torch.allclose(small(x), model(x), atol=1e-4)
+
+
 def test_weight_pruned_model_folds_constant_units_and_drops_unread_ones():
     model = sparse_lenet300_100(torch.Generator().manual_seed(1)).eval()
     small = shrink(model)

@@ -15,10 +15,11 @@ float rounding):
    or when A never writes it (its row in A is zero): then the unit outputs the
    constant f(bias), which is folded into B's bias exactly (B linear, or B a
    convolution without padding; with padding only a zero constant is removed);
-4. input features that the first linear layer never reads are dropped by an
-   :class:`~vbdropout.nn.deterministic.InputSelect`.
+4. features that a linear layer after a Flatten never reads (input pixels, or
+   single positions of a convolution's kept channels) are dropped by an
+   :class:`~vbdropout.nn.deterministic.InputSelect` in the Flatten's place.
 
-Steps 3–4 repeat until nothing changes. Every function here takes the
+Step 3 repeats until nothing changes, then step 4 runs once. Every function here takes the
 pruning thresholds of :func:`~vbdropout.nn.deterministic.to_deterministic`
 (``log_alpha_threshold``, ``unit_threshold``: ``"own"``, a log α, or ``None``)
 and leaves the model unchanged. Supported: ``Sequential`` networks of
@@ -217,23 +218,21 @@ def _prune_pair(layers: list[nn.Module], ai: int, bi: int) -> bool:
     return True
 
 
-def _prune_inputs(layers: list[nn.Module]) -> None:
-    """Replace a leading Flatten by an InputSelect of the features the first linear layer reads."""
-    if (
-        len(layers) < 2
-        or not isinstance(layers[0], nn.Flatten)
-        or not isinstance(layers[1], nn.Linear)
-    ):
-        return
-    first = layers[1]
-    read = (first.weight != 0).any(0)
-    if read.all():
-        return
-    if not read.any():
-        read[0] = True
-    index = read.nonzero().flatten()
-    layers[0] = InputSelect(index, first.in_features)
-    layers[1] = _rebuild(first, first.weight[:, read], first.bias)
+def _select_read_features(layers: list[nn.Module]) -> None:
+    """Replace every Flatten that feeds a linear layer by an InputSelect of the features
+    that layer reads: the input pixels of an MLP, and after a convolution the single
+    positions of the kept channels (a channel none of whose positions is read is already
+    gone, step 3)."""
+    for i, (flatten, linear) in enumerate(pairwise(list(layers))):
+        if not isinstance(flatten, nn.Flatten) or not isinstance(linear, nn.Linear):
+            continue
+        read = (linear.weight != 0).any(0)
+        if read.all():
+            continue
+        if not read.any():
+            read[0] = True
+        layers[i] = InputSelect(read.nonzero().flatten(), linear.in_features)
+        layers[i + 1] = _rebuild(linear, linear.weight[:, read], linear.bias)
 
 
 def _shrink_sequential(model: nn.Module) -> nn.Sequential:
@@ -244,7 +243,7 @@ def _shrink_sequential(model: nn.Module) -> nn.Sequential:
         changed = False
         for ai, bi in pairwise(weight_at):
             changed |= _prune_pair(layers, ai, bi)
-    _prune_inputs(layers)
+    _select_read_features(layers)
     return nn.Sequential(*layers).eval()
 
 

@@ -37,7 +37,8 @@ class Scale(nn.Module):
 
 
 class InputSelect(nn.Module):
-    """Keep only the input features ``index`` of a flattened input (pruned input pixels)."""
+    """Flatten the input and keep only its features ``index`` (the ones the next linear
+    layer reads: not pruned input pixels, or not pruned positions of a feature map)."""
 
     def __init__(self, index: Tensor, in_features: int) -> None:
         super().__init__()
