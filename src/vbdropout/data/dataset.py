@@ -62,7 +62,7 @@ def channel_stats(x: np.ndarray, max_value: int) -> tuple[tuple[float, ...], tup
 INPUT_SCALINGS = ("standardize", "unit")
 """How pixels become inputs: ``standardize`` — scaled to [0, 1], then per channel
 (x − mean)/std of the training split; ``unit`` — scaled to [0, 1] only (x/255), so a blank
-pixel is exactly 0 (the SBP reference code's MNIST input)."""
+pixel is exactly 0 (Table 5's input, docs/METHODS.md)."""
 
 
 def build_dataset(
