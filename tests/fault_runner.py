@@ -35,6 +35,10 @@ def _status(raw: int) -> int:
 def _child(argv: list[str], env: dict[str, str], log: str) -> None:
     """Run ``vbd ARGV`` in this forked process and exit with its status (never returns)."""
     code = 1
+    # Ctrl-C as in a terminal: a process ignores SIGINT for good if its parent did at its
+    # start (e.g. the test process, after a library set SIGINT to SIG_IGN), and then Python
+    # never installs the handler that raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(out, 1)
