@@ -4,8 +4,9 @@ The structured objective is N·E[CE] + Σ ½·log(1 + 1/α) (Eq. 16–18 on per-
 multipliers). For every unit a run keeps (log α ≤ its threshold), this measures the rise
 of the summed training cross-entropy under the training noise when the unit is masked
 as pruned (the same noise draws in every pass, so the difference is not noise), and
-compares it with the KL term the unit pays now, ½·log(1 + 1/α): a unit whose removal
-costs less than its KL is one that the objective would drop but training has not.
+compares it with the KL term the unit pays now (its layer's prior; VBD's ½·log(1 + 1/α)):
+a unit whose removal costs less than its KL is one that the objective would drop but
+training has not.
 
     python benchmarks/unit_prune_cost.py RUN_DIR [--units K] [--out FILE.json]
 
@@ -56,6 +57,7 @@ def unit_costs(
         if not layer.train_clip:
             raise ValueError(f"layer {name} was trained without train_clip")
         log_alpha = layer.log_alpha.detach().clone()
+        kls = layer.prior.kl(log_alpha)  # the layer's own KL term, per unit
         rows = []
         kept = torch.nonzero(layer.keep_mask()).flatten()
         kept = kept[log_alpha[kept].argsort(descending=True)][:units]
@@ -64,9 +66,14 @@ def unit_costs(
             layer.log_sigma2[unit] = PRUNED_LOG_SIGMA2
             cost = summed_cross_entropy(model, x, y) - base
             layer.log_sigma2[unit] = saved
-            a = float(log_alpha[unit])
-            kl = 0.5 * float(torch.log1p(torch.exp(-log_alpha[unit])))
-            rows.append({"unit": unit, "log_alpha": a, "kl": kl, "cost": cost})
+            rows.append(
+                {
+                    "unit": unit,
+                    "log_alpha": float(log_alpha[unit]),
+                    "kl": float(kls[unit]),
+                    "cost": cost,
+                }
+            )
         out[name] = rows
     return out
 

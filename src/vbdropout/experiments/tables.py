@@ -165,9 +165,10 @@ QUICK: dict[str, Budget] = {
 
 # Table 5's protocol (docs/METHODS.md, "Table 5 protocol"), for every row: pixels in
 # [0, 1] (a blank pixel is exactly 0, so its unit has no data to keep it; the SBP code
-# also subtracts the mean image, which did not prune more in our trial); the compressing rows but SSL start from the trained "Original" network without
-# a KL warm-up (the SBP protocol), and structured VBD drops its pruned units in training too
-# (the authors' hard mask).
+# also subtracts the mean image, which did not prune more in our trial); the compressing
+# rows but SSL start from the trained "Original" network without a KL warm-up (the SBP
+# protocol), and structured VBD drops its pruned units in training too (the authors'
+# hard mask).
 _T5_INPUT = {"input_scaling": "unit"}
 _T5_FROM_ORIGINAL = {**_T5_INPUT, "kl_warmup": (0, 0)}
 _T5_OPTIONS = {
