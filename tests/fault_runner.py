@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -144,3 +145,19 @@ class ForkServer:
 
 if __name__ == "__main__":
     serve()
+
+
+def kill_a_run_midway(runs: Path, done: threading.Event) -> tuple[Path, str]:
+    """SIGKILL the process training the first run seen under ``runs`` between its second
+    epoch and its end (the pid in the run's lock); returns that run and its metrics as
+    they were at the kill. Gives up when ``done`` is set or after 300 s."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not done.is_set():
+        for run in sorted(runs.glob("*-seed*")):
+            metrics = run / "metrics.jsonl"
+            lines = metrics.read_text() if metrics.is_file() else ""
+            if lines.count("\n") >= 2 and not (run / "summary.json").exists():
+                os.kill(int((run / ".lock").read_text()), signal.SIGKILL)
+                return run, lines
+        time.sleep(0.02)
+    raise AssertionError("no run was caught in the middle of its epochs")

@@ -2,14 +2,11 @@
 resumed from its checkpoint, failures named, and bad input refused before anything is written."""
 
 import json
-import os
-import signal
 import sys
 import threading
-import time
-from pathlib import Path
 
 import pytest
+from fault_runner import kill_a_run_midway
 
 from vbdropout.cli import main
 
@@ -28,22 +25,6 @@ def local_ray():
     ray.shutdown()
 
 
-def _kill_a_cell_midway(runs: Path, done: threading.Event) -> tuple[Path, str]:
-    """SIGKILL the worker training the first run seen between its second epoch and its end;
-    returns that run and its metrics as they were at the kill."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not done.is_set():
-        for run in sorted(runs.glob("*-seed*")):
-            metrics = run / "metrics.jsonl"
-            lines = metrics.read_text() if metrics.is_file() else ""
-            if lines.count("\n") >= 2 and not (run / "summary.json").exists():
-                pid = int((run / ".lock").read_text())
-                os.kill(pid, signal.SIGKILL)
-                return run, lines
-        time.sleep(0.02)
-    raise AssertionError("no run was caught in the middle of its epochs")
-
-
 def test_cells_run_as_ray_tasks_and_a_killed_worker_loses_nothing(
     local_ray, tmp_path, shared_data, capsys
 ):
@@ -59,7 +40,7 @@ def test_cells_run_as_ray_tasks_and_a_killed_worker_loses_nothing(
 
     thread = threading.Thread(target=reproduce_in_background)
     thread.start()
-    killed, before = _kill_a_cell_midway(out / "table4-custom-e12-n3000" / "runs", done)
+    killed, before = kill_a_run_midway(out / "table4-custom-e12-n3000" / "runs", done)
     thread.join(timeout=600)
     assert status == [0], capsys.readouterr().err
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

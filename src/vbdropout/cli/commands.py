@@ -272,8 +272,15 @@ def add_reproduce_parser(sub: Any) -> None:
         "--executor",
         choices=EXECUTORS,
         default="local",
-        help="local: here, one cell after another; ray: every cell a task on a Ray cluster "
+        help="local: here, one cell after another; processes: cells in worker processes on "
+        "this machine, --workers at once; ray: every cell a task on a Ray cluster "
         '(pip install "vbdropout[ray]"; --out on storage the workers share) (default local)',
+    )
+    repro.add_argument(
+        "--workers",
+        type=positive_int,
+        help="worker processes of --executor processes, the cores shared out among them "
+        "(default: one per core)",
     )
     repro.add_argument(
         "--address",
@@ -302,6 +309,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> dict[str, Any]:
         train_subset=args.train_subset,
         executor=args.executor,
         address=args.address,
+        workers=args.workers,
     )
     if not args.json:
         print(Path(result["markdown"]).read_text(), end="")

@@ -178,6 +178,7 @@ def reproduce(
     train_subset: int | None = None,
     executor: str = "local",
     address: str | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Run every (matching) cell of ``table`` and write its markdown and plots.
 
@@ -188,8 +189,9 @@ def reproduce(
     ``seeds``: how many seeds (0 .. seeds − 1), or a ``range`` of them (e.g. ``range(1, 3)``
     to run seeds 1 and 2 in another process beside one running seed 0).
     ``epochs``/``train_subset`` override the budget's (a custom, labelled budget).
-    ``executor``: ``"local"`` (here, one cell after another) or ``"ray"`` (cells as
-    tasks on the Ray cluster at ``address``, default a local instance or
+    ``executor``: ``"local"`` (here, one cell after another), ``"processes"`` (cells in
+    ``workers`` processes on this machine at once, default one per core) or ``"ray"``
+    (cells as tasks on the Ray cluster at ``address``, default a local instance or
     ``$RAY_ADDRESS``; ``out`` must then be on storage the workers share); see
     :mod:`.executors`.
     """
@@ -216,7 +218,7 @@ def reproduce(
     seed_list = seeds if isinstance(seeds, range) else range(seeds)
     if len(seed_list) < 1 or seed_list.start < 0:
         raise ValueError(f"seeds must name at least one seed >= 0, got {seeds}")
-    check_executor(executor, address)
+    check_executor(executor, address, workers)
     pattern = re.compile(only, re.IGNORECASE) if only else None
     out = Path(out)
     base = _cell_dir(out, table, budget).resolve()  # absolute: also a Ray worker's path
@@ -247,9 +249,9 @@ def reproduce(
             jobs.append(CellJob(row, seed, path, needs))
             slots.append(None)
     data_dir = str(Path(data_dir).resolve()) if data_dir else None
-    bars = progress and executor == "local"  # a Ray worker's bar would reach no terminal
+    bars = progress and executor == "local"  # workers' bars would interleave or reach nothing
     runner = _CellRunner(spec, budget, base, device, data_dir, bars, " ".join(sys.argv))
-    computed = iter(run_jobs(jobs, runner, executor, address, progress))
+    computed = iter(run_jobs(jobs, runner, executor, address, progress, workers))
     cells = [cell if cell is not None else next(computed) for cell in slots]
     name = f"{table}.md" if budget == "paper" else f"{table}-{budget}.md"
     out.mkdir(parents=True, exist_ok=True)
