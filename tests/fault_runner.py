@@ -161,3 +161,24 @@ def kill_a_run_midway(runs: Path, done: threading.Event) -> tuple[Path, str]:
                 return run, lines
         time.sleep(0.02)
     raise AssertionError("no run was caught in the middle of its epochs")
+
+
+def reproduce_killing_a_run_midway(argv: list[str], runs: Path) -> tuple[int | None, Path, str]:
+    """``vbd ARGV`` (a ``vbd reproduce`` whose workers are other processes) in a thread of
+    this process, with one of its runs under ``runs`` SIGKILLed midway
+    (:func:`kill_a_run_midway`); returns its exit status (``None`` if it did not end in
+    600 s), the killed run and its metrics at the kill."""
+    from vbdropout.cli import main
+
+    status: list[int] = []
+    done = threading.Event()
+
+    def reproduce() -> None:
+        status.append(main(argv))
+        done.set()
+
+    thread = threading.Thread(target=reproduce)
+    thread.start()
+    killed, before = kill_a_run_midway(runs, done)
+    thread.join(timeout=600)
+    return (status[0] if status else None), killed, before

@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from fault_runner import kill_a_run_midway
+from fault_runner import reproduce_killing_a_run_midway
 
 from vbdropout.cli import main
 from vbdropout.experiments.executors import threads_per_worker
@@ -57,18 +56,9 @@ def test_a_killed_worker_is_started_again_and_resumes_its_run(tmp_path, shared_d
     out = tmp_path / "results"
     argv = [*ARGV, *WORKERS, "--epochs", "12", "--train-subset", "3000", "--out", str(out),
             "--data-dir", str(shared_data)]  # fmt: skip
-    status: list[int] = []
-    done = threading.Event()
-
-    def reproduce_in_background() -> None:
-        status.append(main(argv))
-        done.set()
-
-    thread = threading.Thread(target=reproduce_in_background)
-    thread.start()
-    killed, before = kill_a_run_midway(out / "table4-custom-e12-n3000" / "runs", done)
-    thread.join(timeout=600)
-    assert status == [0], capsys.readouterr().err
+    runs = out / "table4-custom-e12-n3000" / "runs"
+    status, killed, before = reproduce_killing_a_run_midway(argv, runs)
+    assert status == 0, capsys.readouterr().err
     after = (killed / "metrics.jsonl").read_text()
     assert after.startswith(before), "the restarted worker resumed the killed run"
     assert [json.loads(line)["epoch"] for line in after.splitlines()] == list(range(1, 13))

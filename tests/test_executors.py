@@ -3,10 +3,9 @@ resumed from its checkpoint, failures named, and bad input refused before anythi
 
 import json
 import sys
-import threading
 
 import pytest
-from fault_runner import kill_a_run_midway
+from fault_runner import reproduce_killing_a_run_midway
 
 from vbdropout.cli import main
 
@@ -31,18 +30,9 @@ def test_cells_run_as_ray_tasks_and_a_killed_worker_loses_nothing(
     out = tmp_path / "results"
     argv = [*ARGV, "--epochs", "12", "--train-subset", "3000", "--out", str(out),
             "--data-dir", str(shared_data)]  # fmt: skip
-    status: list[int] = []
-    done = threading.Event()
-
-    def reproduce_in_background() -> None:
-        status.append(main(argv))
-        done.set()
-
-    thread = threading.Thread(target=reproduce_in_background)
-    thread.start()
-    killed, before = kill_a_run_midway(out / "table4-custom-e12-n3000" / "runs", done)
-    thread.join(timeout=600)
-    assert status == [0], capsys.readouterr().err
+    runs = out / "table4-custom-e12-n3000" / "runs"
+    status, killed, before = reproduce_killing_a_run_midway(argv, runs)
+    assert status == 0, capsys.readouterr().err
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sorted((c["label"], c["seed"]) for c in result["cells"]) == [
         ("Ours (high sparsity)", 0), ("Ours (high sparsity)", 1),
