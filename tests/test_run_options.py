@@ -81,3 +81,52 @@ def test_a_short_structured_vbd_run_prunes_hidden_units(tmp_path, capsys):
     _, hidden1, hidden2, classes = neurons_per_layer(shrink(model))
     assert hidden1 <= 400 and hidden2 <= 240 and classes == 10
     assert summary["test_error"] < 0.1
+
+
+def test_kl_scale_weighs_the_kl_term_and_prunes_more(tmp_path, capsys):
+    """--kl-scale S trains N·E[CE] + S·β·KL: the β a run records is S times the warm-up's,
+    and a heavier KL prunes more of the same network from the same seed."""
+    args = ("--model", "lenet300_100", "--method", "vbd", "--epochs", "4", "--kl-warmup", "0", "1")
+    plain, _ = _train(tmp_path / "plain", capsys, *args)
+    heavy, _ = _train(tmp_path / "heavy", capsys, *args, "--kl-scale", "30")
+    assert plain["config"]["kl_scale"] == 1.0 and heavy["config"]["kl_scale"] == 30.0
+    rows = [
+        [json.loads(line) for line in (tmp_path / run / "run" / "metrics.jsonl").open()]
+        for run in ("plain", "heavy")
+    ]
+    assert [r["kl_weight"] for r in rows[0]][1:] == [1.0] * 3
+    assert [r["kl_weight"] for r in rows[1]][1:] == [30.0] * 3
+    assert heavy["compression"]["compression_ratio"] > plain["compression"]["compression_ratio"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config", "BAD"], "kl_scale must be a positive finite number, got nan"),
+        (["--kl-scale", "0"], "--kl-scale"),
+    ],
+)
+def test_a_bad_kl_scale_is_refused_in_one_line(tmp_path, capsys, args, message):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("kl_scale = nan\n")
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--out", str(out)]
+    argv += [str(bad) if a == "BAD" else a for a in args]
+    try:
+        status = main(argv)
+    except SystemExit as stop:  # argparse's usage error
+        status = stop.code
+    assert status in (1, 2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
+    assert not out.exists()
+
+
+def test_kl_scale_is_fixed_for_a_resumed_run(tmp_path, capsys):
+    args = ("--model", "lenet300_100", "--method", "vbd", "--epochs", "1")
+    _train(tmp_path, capsys, *args)
+    out = tmp_path / "run"
+    argv = ["train", "--out", str(out), "--resume", "--epochs", "2", "--kl-scale", "2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "kl_scale" in err

@@ -158,6 +158,12 @@ def add_train_parser(sub: Any) -> None:
         help="KL weight 0 before epoch START, linear to 1 at epoch END (default 5 20 for "
         "the LeNets, 0 10 otherwise; scaled with --epochs)",
     )
+    schedule.add_argument(
+        "--kl-scale",
+        type=positive_float,
+        help="multiply the KL term by this: N·E[CE] + S·β·KL (default 1, the ELBO; above 1 "
+        "prunes more, below 1 less)",
+    )
     run = train.add_argument_group("run")
     run.add_argument("--out", help="run directory (default runs/MODEL-METHOD-DATASET-seedS)")
     run.add_argument(

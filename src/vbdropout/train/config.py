@@ -50,6 +50,7 @@ class TrainConfig:
     lr: float | None = None
     lr_decay_start: int | None = None
     kl_warmup: tuple[int, int] | None = None
+    kl_scale: float = 1.0  # the objective N·E[CE] + kl_scale·β·KL; 1 is the ELBO
     seed: int = 0
     device: str = "auto"
     data_dir: str | None = None
@@ -202,6 +203,13 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     _check(
         isinstance(resolved.lr, (int, float)) and math.isfinite(resolved.lr) and resolved.lr > 0,
         f"lr must be a positive finite number, got {resolved.lr!r}",
+    )
+    _check(
+        isinstance(resolved.kl_scale, (int, float))
+        and not isinstance(resolved.kl_scale, bool)
+        and math.isfinite(resolved.kl_scale)
+        and resolved.kl_scale > 0,
+        f"kl_scale must be a positive finite number, got {resolved.kl_scale!r}",
     )
     start, end = resolved.kl_warmup
     _check(

@@ -322,7 +322,7 @@ def _epoch(run: _Run, epoch: int, bar: ProgressBar, board: Any, status: str) -> 
             run.train_x,
             run.train_y,
             batch_size=config.batch_size,
-            kl_weight=lambda done: kl_weight(epoch + done, *config.kl_warmup),
+            kl_weight=lambda done: config.kl_scale * kl_weight(epoch + done, *config.kl_warmup),
             generator=run.generator,
             on_batch=on_batch,
             shard=(world.rank, world.size),
@@ -353,7 +353,7 @@ def _epoch(run: _Run, epoch: int, bar: ProgressBar, board: Any, status: str) -> 
     row = {
         "epoch": epoch + 1,
         "lr": lr,
-        "kl_weight": stats["kl_weight"],  # β of the epoch's last step
+        "kl_weight": stats["kl_weight"],  # kl_scale·β of the epoch's last step
         **{k: stats[k] for k in ("loss", "nll", "kl", "train_error", "seconds")},
         "test_error": test["error"],
         "test_nll": test["nll"],
