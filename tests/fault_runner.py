@@ -143,10 +143,6 @@ class ForkServer:
         self.proc.wait(timeout=30)
 
 
-if __name__ == "__main__":
-    serve()
-
-
 def kill_a_run_midway(runs: Path, done: threading.Event) -> tuple[Path, str]:
     """SIGKILL the process training the first run seen under ``runs`` between its second
     epoch and its end (the pid in the run's lock); returns that run and its metrics as
@@ -182,3 +178,7 @@ def reproduce_killing_a_run_midway(argv: list[str], runs: Path) -> tuple[int | N
     killed, before = kill_a_run_midway(runs, done)
     thread.join(timeout=600)
     return (status[0] if status else None), killed, before
+
+
+if __name__ == "__main__":
+    serve()

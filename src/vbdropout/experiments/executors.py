@@ -153,8 +153,7 @@ def _work(run: Run, job: CellJob, threads: int, answer: Connection) -> None:
     except KeyboardInterrupt:
         return
     except Exception as err:  # the cell failed: say why in one line
-        text = str(err).strip()
-        answer.send(("error", text.splitlines()[0] if text else type(err).__name__))
+        answer.send(("error", _first_line(err)))
     else:
         answer.send(("cell", cell))
 
@@ -167,22 +166,20 @@ def _run_in_processes(
     context = multiprocessing.get_context("spawn")
     threads = threads_per_worker(workers)
     cells: dict[int, dict[str, Any]] = {}
-    failed: dict[str, list[int]] = {}  # why -> the jobs that failed so
-    broken: set[int] = set()  # jobs that failed or were not started for a failed need
+    failures: dict[int, str] = {}  # job -> why it failed (or was not started)
     starts = [0] * len(jobs)
     waiting = list(range(len(jobs)))  # not started yet, in order
     running: dict[int, tuple[Any, Connection]] = {}  # job -> (its process, its answer's end)
 
     def fail(index: int, why: str) -> None:
-        broken.add(index)
-        failed.setdefault(why, []).append(index)
-        _report(progress, len(cells) + len(broken), len(jobs), jobs[index], f"failed: {why}")
+        failures[index] = why
+        _report(progress, len(cells) + len(failures), len(jobs), jobs[index], f"failed: {why}")
 
     try:
         while waiting or running:
             for index in list(waiting):
                 needs = jobs[index].needs
-                if any(n in broken for n in needs):
+                if any(n in failures for n in needs):
                     waiting.remove(index)
                     fail(index, "a cell it starts from failed")
                 elif len(running) < workers and all(n in cells for n in needs):
@@ -217,7 +214,7 @@ def _run_in_processes(
                     fail(index, answer[1])
                 else:
                     cells[index] = answer[1]
-                    _report(progress, len(cells) + len(broken), len(jobs), jobs[index],
+                    _report(progress, len(cells) + len(failures), len(jobs), jobs[index],
                             _outcome(answer[1]))  # fmt: skip
     finally:  # interrupted: let the workers stop at their checkpoints, then make them
         for process, _ in running.values():
@@ -225,7 +222,9 @@ def _run_in_processes(
             if process.is_alive():
                 process.terminate()
                 process.join()
-    named = {why: [jobs[i].name for i in sorted(indices)] for why, indices in failed.items()}
+    named: dict[str, list[str]] = {}  # why -> the cells that failed so, in table order
+    for index in sorted(failures):
+        named.setdefault(failures[index], []).append(jobs[index].name)
     _raise_failures(named, len(jobs), "in worker processes")
     return [cells[i] for i in range(len(jobs))]
 
@@ -299,6 +298,10 @@ def _run_on_ray(
 def _cause(err: BaseException, ray: Any) -> str:
     """The first line of what a task raised (Ray wraps it with a traceback), or of why
     its worker was lost."""
-    cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) else err
-    text = str(cause).strip()
-    return text.splitlines()[0] if text else type(cause).__name__
+    return _first_line(err.cause if isinstance(err, ray.exceptions.RayTaskError) else err)
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name if it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

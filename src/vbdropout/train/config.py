@@ -204,11 +204,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         isinstance(resolved.lr, (int, float)) and math.isfinite(resolved.lr) and resolved.lr > 0,
         f"lr must be a positive finite number, got {resolved.lr!r}",
     )
-    _check(
-        isinstance(resolved.kl_scale, (int, float))
-        and not isinstance(resolved.kl_scale, bool)
-        and math.isfinite(resolved.kl_scale)
-        and resolved.kl_scale > 0,
+    _check(  # its type was checked by check_types
+        math.isfinite(resolved.kl_scale) and resolved.kl_scale > 0,
         f"kl_scale must be a positive finite number, got {resolved.kl_scale!r}",
     )
     start, end = resolved.kl_warmup
