@@ -133,10 +133,14 @@ class HierarchicalPrior(Prior):
         """Σ ½·log(1 + θ²/σ²) = Σ ½·(log(θ² + σ²) − log σ²), exact (no clip of log α).
 
         With the hand-written gradients of :class:`_HierarchicalKLSum`: about half
-        the elementwise passes over the weights of autograd's version.
+        the elementwise passes over the weights of autograd's version (which runs
+        under ``torch.func`` transforms, e.g. the replicas' ``vmap``).
         """
         if self._kl_overridden(HierarchicalPrior):
             return super()._kl_sum_additive_eager(theta, log_sigma2)
+        if kernels.functorch_active():
+            total = torch.addcmul(log_sigma2.exp(), theta, theta).clamp_min(1e-30)
+            return 0.5 * (total.log().sum() - log_sigma2.sum())
         return _HierarchicalKLSum.apply(theta, log_sigma2)
 
 
@@ -192,8 +196,9 @@ class LogUniformPrior(Prior):
 
     def _kl_sum_additive_eager(self, theta: Tensor, log_sigma2: Tensor) -> Tensor:
         """The clipped log-α route of :meth:`Prior.kl_sum_additive`, with hand-written
-        gradients (:class:`_LogUniformKLSum`): fewer elementwise passes than autograd's."""
-        if self._kl_overridden(LogUniformPrior):
+        gradients (:class:`_LogUniformKLSum`): fewer elementwise passes than autograd's,
+        which runs under ``torch.func`` transforms."""
+        if self._kl_overridden(LogUniformPrior) or kernels.functorch_active():
             return super()._kl_sum_additive_eager(theta, log_sigma2)
         constants = (self.k1, self.k2, self.k3, LOG_ALPHA_RANGE[0], self.upper_log_alpha)
         return _LogUniformKLSum.apply(theta, log_sigma2, *constants)

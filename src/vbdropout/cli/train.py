@@ -36,6 +36,8 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     fields = train_fields()
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     saved = Path(args.out) / "config.toml" if args.out else None
+    if saved is not None and args.replicas is not None:  # the group's first replica's
+        saved = Path(args.out) / f"seed{given.get('seed', TrainConfig.seed)}" / "config.toml"
     if args.config:
         config = dataclasses.replace(load_config(args.config), **given)
     elif args.resume and saved is not None and saved.is_file():
@@ -44,22 +46,49 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
         config = TrainConfig(**given)
     network = {k: getattr(args, k) for k in ("width", "scale") if getattr(args, k) is not None}
     config.network.update(network)
+    if args.replicas is not None:
+        return _train_replicas(args, config)
     if config.out == TrainConfig.out:
         config.out = f"runs/{config.model}-{config.method}-{config.dataset}-seed{config.seed}"
     summary = train(config, resume=args.resume, progress=not args.json, force=args.force)
     if not summary:  # a torchrun worker other than rank 0: rank 0 reports
         return None
+    _report(summary, args.json)
+    return summary
+
+
+def _train_replicas(args: argparse.Namespace, config: Any) -> dict[str, Any]:
+    """``vbd train --replicas K``: the K runs, one line (or summary) each."""
+    from ..train import TrainConfig, replica_configs, train_replicas
+
+    if config.out == TrainConfig.out:
+        last = config.seed + args.replicas - 1
+        config.out = (
+            f"runs/{config.model}-{config.method}-{config.dataset}-seeds{config.seed}-{last}"
+        )
+    summaries = train_replicas(
+        replica_configs(config, args.replicas),
+        resume=args.resume,
+        progress=not args.json,
+        force=args.force,
+    )
+    for summary in summaries:
+        _report(summary, args.json)
+    return {"replicas": summaries}
+
+
+def _report(summary: dict[str, Any], quiet: bool) -> None:
+    """A run's warnings (stderr) and, unless ``quiet``, its one-line result."""
     for warning in summary["warnings"]:
         print(f"vbd train: warning: {warning}", file=sys.stderr)
-    if not args.json:
+    if not quiet:
         compression = summary["compression"]
         print(
-            f"{config.model}/{config.method} on {config.dataset}: test error "
-            f"{100 * summary['test_error']:.2f}%, |W|/|W≠0| = {compression['compression_ratio']}, "
-            f"sparsity per layer {compression['sparsity_per_layer']} %, "
-            f"run dir {summary['run_dir']}"
+            f"{summary['model']}/{summary['method']} on {summary['dataset']}: test error "
+            f"{100 * summary['test_error']:.2f}%, "
+            f"|W|/|W≠0| = {compression['compression_ratio']}, sparsity per layer "
+            f"{compression['sparsity_per_layer']} %, run dir {summary['run_dir']}"
         )
-    return summary
 
 
 def add_train_parser(sub: Any) -> None:
@@ -179,6 +208,13 @@ def add_train_parser(sub: Any) -> None:
         "--device",
         choices=["auto", "cpu", "cuda"],
         help="where to train (default auto: cuda if any)",
+    )
+    run.add_argument(
+        "--replicas",
+        type=positive_int,
+        metavar="K",
+        help="train seeds S..S+K-1 at once as one batched model, each into OUT/seedN, an "
+        "ordinary run directory (default: one run); not with --nproc",
     )
     run.add_argument(
         "--nproc",

@@ -31,7 +31,16 @@ backward; use the environment variable for that). Results do not depend on the
 number of threads.
 """
 
-from .build import ENV_VAR, available, compiling, require, set_enabled, status, supports
+from .build import (
+    ENV_VAR,
+    available,
+    compiling,
+    functorch_active,
+    require,
+    set_enabled,
+    status,
+    supports,
+)
 from .functions import ConvGeometry, KLSpec, gaussian_training_forward, kl_sum, lrt_sample
 
 __all__ = [
@@ -40,6 +49,7 @@ __all__ = [
     "KLSpec",
     "available",
     "compiling",
+    "functorch_active",
     "gaussian_training_forward",
     "kl_sum",
     "lrt_sample",

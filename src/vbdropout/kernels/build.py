@@ -208,8 +208,13 @@ def _autocast_or_functorch() -> bool:
         autocast = torch.is_autocast_enabled("cpu")
     except TypeError:  # torch < 2.4
         autocast = torch.is_autocast_cpu_enabled()
-    functorch = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
-    return bool(autocast or functorch)
+    return bool(autocast) or functorch_active()
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) is tracing the current
+    code: hand-written autograd functions without a vmap rule must then step aside."""
+    return bool(getattr(torch._C, "_are_functorch_transforms_active", lambda: False)())
 
 
 def compiling() -> bool:

@@ -28,13 +28,24 @@ def attach_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> Remo
     modules = [m for m in model.modules() if isinstance(m, StochasticModule)]
 
     def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        _state_changes[0] += 1
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for module in modules:
-            if any(id(p) in stepped for p in module.parameters(recurse=False)):
-                module.after_optimizer_step()
+        optimizer_stepped(
+            m for m in modules if any(id(p) in stepped for p in m.parameters(recurse=False))
+        )
 
     return optimizer.register_step_post_hook(after_step)
+
+
+def optimizer_stepped(modules: Iterable[StochasticModule]) -> None:
+    """An optimizer step changed the parameters of ``modules``: each runs
+    :meth:`~StochasticModule.after_optimizer_step`, and :func:`state_key` changes.
+
+    What :func:`attach_optimizer`'s hook does; called directly where the parameters are
+    stepped through other tensors (the stacked replicas of :mod:`vbdropout.train.replicas`).
+    """
+    _state_changes[0] += 1
+    for module in modules:
+        module.after_optimizer_step()
 
 
 def check_dataset_size(

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from .base import VariationalModule
 from .epoch_hooks import epoch_at
 from .penalized import PenalizedWeight, check_nonnegative
@@ -235,7 +236,10 @@ class MixturePrior(VariationalModule):
 
     def log_prob_sum(self, w: Tensor) -> Tensor:
         """Σ_i log p(w_i), with a fused backward (responsibilities and K-sized moments
-        instead of |w|×K autograd graphs: several times faster on LeNet-300-100)."""
+        instead of |w|×K autograd graphs: several times faster on LeNet-300-100; autograd's
+        under ``torch.func`` transforms, e.g. the replicas' ``vmap``)."""
+        if kernels.functorch_active():
+            return self.log_prob(w).sum()
         return _MixtureLogProb.apply(w, self.means(), self.log_precisions(), self.log_mixing())
 
     @torch.no_grad()

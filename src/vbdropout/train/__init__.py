@@ -2,6 +2,7 @@
 
 from .config import ConfigError, TrainConfig, load_config, resolve_config
 from .loop import DivergenceError, evaluate, train_epoch
+from .replicas import replica_configs, train_replicas
 from .rundir import RunLockedError
 from .trainer import train
 
@@ -12,7 +13,9 @@ __all__ = [
     "TrainConfig",
     "evaluate",
     "load_config",
+    "replica_configs",
     "resolve_config",
     "train",
     "train_epoch",
+    "train_replicas",
 ]

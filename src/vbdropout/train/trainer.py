@@ -13,9 +13,9 @@ Only one process trains into a directory at a time (``.lock``, see
 diverging run (NaN/inf loss, KL, gradient or parameter) stops before anything
 of the failing epoch is saved. See docs/RELIABILITY.md for the measured faults.
 
-A run is built or restored from its checkpoint (``_restore``, with the checks of
-:mod:`.state`), trained epoch by epoch (``_epoch``: train, test, log, checkpoint) and
-summarized (``_summary``); its directory's files are :mod:`.rundir`'s.
+A run is built or restored from its checkpoint (``restore_run``, with the checks of
+:mod:`.state`), trained epoch by epoch (``run_epoch``: train, then ``end_epoch``: test, log,
+checkpoint) and summarized (``run_summary``); its directory's files are :mod:`.rundir`'s.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def _train_worker(config: TrainConfig, resume: bool) -> None:
 
 
 @dataclass
-class _Run:
+class Run:
     """A run in progress: what it trains on and with, and what its checkpoint saves."""
 
     config: TrainConfig
@@ -210,7 +210,7 @@ def _train_locked(
     config: TrainConfig, device: torch.device, out: Path, resume: bool, progress: bool
 ) -> dict[str, Any]:
     """Train into ``out`` (held by this process): start or restore, run the epochs, summarize."""
-    run = _restore(config, device, out, resume)
+    run = restore_run(config, device, out, resume)
     world = distributed.current()
     bar = ProgressBar(
         config.epochs * run.steps,
@@ -220,23 +220,25 @@ def _train_locked(
     status = ""
     board = rundir.tensorboard(out) if world.is_main else None
     for epoch in range(run.start_epoch, config.epochs):
-        status = _epoch(run, epoch, bar, board, status)
+        status = run_epoch(run, epoch, bar, board, status)
     bar.close(status)
     if board is not None:
         board.close()
     if not world.is_main:
         distributed.barrier()
         return {}
-    summary = _summary(run)
+    summary = run_summary(run)
     atomic_write_json(out / "summary.json", summary)
     distributed.barrier()
     return summary
 
 
-def _restore(config: TrainConfig, device: torch.device, out: Path, resume: bool) -> _Run:
+def restore_run(
+    config: TrainConfig, device: torch.device, out: Path, resume: bool, data: Dataset | None = None
+) -> Run:
     """The run of ``config``: built afresh and, when ``out`` holds a checkpoint (and
     ``resume``), put back into its saved state. Every check on the checkpoint comes before
-    anything in ``out`` is written."""
+    anything in ``out`` is written. ``data``: the config's data set, when already loaded."""
     path = out / "checkpoint.pt"
     state, changes = None, {}
     if path.exists():
@@ -247,7 +249,7 @@ def _restore(config: TrainConfig, device: torch.device, out: Path, resume: bool)
         state = load_checkpoint(path, required=RESUME_KEYS)
         check_resume_state(state, path)
         changes = check_resumable(state, config, path)
-    run = _build(config, device, out, initialize=state is None)
+    run = _build(config, device, out, initialize=state is None, data=data)
     world = distributed.current()
     if state is None:
         if world.is_main:
@@ -268,12 +270,15 @@ def _restore(config: TrainConfig, device: torch.device, out: Path, resume: bool)
     return run
 
 
-def _build(config: TrainConfig, device: torch.device, out: Path, initialize: bool) -> _Run:
-    """A fresh run of ``config``: data, model (from ``config.init`` when ``initialize``),
-    optimizer, lr schedule and shuffling generator, seeded by ``config.seed``."""
+def _build(
+    config: TrainConfig, device: torch.device, out: Path, initialize: bool, data: Dataset | None
+) -> Run:
+    """A fresh run of ``config``: data (``data``, else loaded), model (from ``config.init``
+    when ``initialize``), optimizer, lr schedule and shuffling generator, seeded by
+    ``config.seed``."""
     world = distributed.current()
     torch.manual_seed(config.seed)
-    data = run_data(config)
+    data = run_data(config) if data is None else data
     method = run_method(config, data)
     model = to_run_device(build_run_model(config, data, method), device)
     if config.init and initialize:
@@ -287,7 +292,7 @@ def _build(config: TrainConfig, device: torch.device, out: Path, initialize: boo
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: lr_factor(e, config.epochs, config.lr_decay_start)
     )
-    return _Run(
+    return Run(
         config=config,
         device=device,
         out=out,
@@ -302,12 +307,11 @@ def _build(config: TrainConfig, device: torch.device, out: Path, initialize: boo
     )
 
 
-def _epoch(run: _Run, epoch: int, bar: ProgressBar, board: Any, status: str) -> str:
+def run_epoch(run: Run, epoch: int, bar: ProgressBar, board: Any, status: str) -> str:
     """Train epoch ``epoch`` of ``run``; on the main process also test, log (to TensorBoard
     ``board`` when not None) and checkpoint it. Returns the progress bar's new status
     (``status``, the last one, on the other processes)."""
     config, world = run.config, distributed.current()
-    lr = run.optimizer.param_groups[0]["lr"]
 
     def on_batch(step: int, running: dict[str, float]) -> None:
         bar.update(
@@ -322,7 +326,7 @@ def _epoch(run: _Run, epoch: int, bar: ProgressBar, board: Any, status: str) -> 
             run.train_x,
             run.train_y,
             batch_size=config.batch_size,
-            kl_weight=lambda done: config.kl_scale * kl_weight(epoch + done, *config.kl_warmup),
+            kl_weight=lambda done: epoch_kl_weight(config, epoch + done),
             generator=run.generator,
             on_batch=on_batch,
             shard=(world.rank, world.size),
@@ -330,12 +334,32 @@ def _epoch(run: _Run, epoch: int, bar: ProgressBar, board: Any, status: str) -> 
         )
     except DivergenceError as err:
         bar.close()
-        kept = (
-            f"the last good checkpoint (epoch {epoch}) in {run.out} is kept unchanged"
-            if epoch
-            else f"no checkpoint was written to {run.out}"
-        )
-        raise DivergenceError(f"training diverged in epoch {epoch + 1}, {err}; {kept}") from None
+        raise diverged(run, epoch, err) from None
+    return end_epoch(run, epoch, stats, board) or status
+
+
+def epoch_kl_weight(config: TrainConfig, epoch: float) -> float:
+    """The weight of the KL at (fractional) ``epoch``: kl_scale times the warm-up's β."""
+    return config.kl_scale * kl_weight(epoch, *config.kl_warmup)
+
+
+def diverged(run: Run, epoch: int, err: DivergenceError) -> DivergenceError:
+    """The error of ``run`` diverging in epoch ``epoch`` (from 0): what and where
+    (``err``), and that its last good checkpoint is kept."""
+    kept = (
+        f"the last good checkpoint (epoch {epoch}) in {run.out} is kept unchanged"
+        if epoch
+        else f"no checkpoint was written to {run.out}"
+    )
+    return DivergenceError(f"training diverged in epoch {epoch + 1}, {err}; {kept}")
+
+
+def end_epoch(run: Run, epoch: int, stats: dict[str, Any], board: Any) -> str:
+    """After epoch ``epoch`` of ``run`` trained (``stats``: :func:`train_epoch`'s): the
+    method's training events and the lr schedule; on the main process also test, log and
+    checkpoint. Returns the progress bar's status line ("" on the other processes)."""
+    config, world = run.config, distributed.current()
+    lr = run.optimizer.param_groups[0]["lr"]
     if epoch < config.epochs - 1:
         run.method.epoch_end(run.model, epoch, config.epochs)  # the method's training events
     else:
@@ -346,7 +370,7 @@ def _epoch(run: _Run, epoch: int, bar: ProgressBar, board: Any, status: str) -> 
     stats.update(distributed.all_mean({k: stats[k] for k in ("loss", "nll", "train_error")}))
     rng_ranks = distributed.all_gather_rng_state()
     if not world.is_main:
-        return status
+        return ""
     test = evaluate(run.model, run.test_x, run.test_y)
     report = compression_report(run.model)
     run.elapsed += stats["seconds"]
@@ -370,7 +394,7 @@ def _epoch(run: _Run, epoch: int, bar: ProgressBar, board: Any, status: str) -> 
     return f"kl {stats['kl']:.3g} test err {test['error']:.4f} sparsity {report.sparsity:.1f}%"
 
 
-def _summary(run: _Run) -> dict[str, Any]:
+def run_summary(run: Run) -> dict[str, Any]:
     """What ``summary.json`` holds: the final test scores, compression, warnings and setup."""
     config, device = run.config, run.device
     last = run.history[-1]  # the last epoch's test scores: the model has not changed since

@@ -87,10 +87,16 @@ class Method:
     constructor options of the same name (see :data:`RUN_OPTIONS`); a run passes
     exactly those (:meth:`from_run`), so no run setting reaches a method that means
     something else by the name.
+
+    ``no_replicas_reason``: why the method's training step cannot be batched over
+    replicas (``vbd train --replicas``, :mod:`vbdropout.train.replicas`); ``None`` when
+    it can: its forward pass and objective are pure functions of the parameters,
+    buffers and batch (no host reads, no state changed during a step).
     """
 
     name: ClassVar[str]
     run_options: ClassVar[tuple[str, ...]] = ()
+    no_replicas_reason: ClassVar[str | None] = None
 
     @classmethod
     def from_run(cls, run: Mapping[str, Any]) -> Method:

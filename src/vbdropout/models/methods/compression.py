@@ -184,6 +184,10 @@ class DNS(PerLayerMethod):
 
     name = "dns"
     run_options = ("dataset_size",)
+    no_replicas_reason = (
+        "its forward pass decides on the host, at random steps, whether to update the mask, "
+        "and updates it in place: each replica would need its own draw and surgery"
+    )
     per_layer = "c_rate"
     layer_classes = (LinearDNS, Conv2dDNS)
     defaults = DNS_C_RATE

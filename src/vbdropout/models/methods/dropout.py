@@ -238,6 +238,10 @@ class Adversarial(InputNoiseMethod):
 
     name = "adversarial"
     run_options = ("dataset_size",)
+    no_replicas_reason = (
+        "its forward pass differentiates the loss by the dropout mask (a backward pass "
+        "inside the forward), which torch.func's vmap cannot batch"
+    )
 
     def __init__(
         self,

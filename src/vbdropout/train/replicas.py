@@ -1,0 +1,452 @@
+"""``vbd train --replicas K``: K seeds of one run trained at once, as one batched model.
+
+Replica k is the run of ``configs[k]`` (the CLI: seed S + k in ``OUT/seed{S+k}``), each
+an ordinary run directory that ``vbd eval``, ``vbd compress`` and ``vbd train --resume``
+take as if it had been trained alone: its own initialization (built exactly as a single
+run of its seed), data order (its own shuffling generator), optimizer state,
+checkpoint, metrics and summary. Only the noise differs from the single run: the
+replicas draw it from torch's one generator, each its own (``vmap``'s
+``randomness="different"``); for a method without noise (``none``) replica k ends
+where the single run of its seed ends, to float rounding.
+
+One training step runs every replica's forward pass and objective (Eq. 18 per replica)
+as one ``torch.func.vmap`` over the replicas' parameters stacked on a leading dimension
+(:class:`ReplicaStack`), one backward pass and one fused Adam step over the stacked
+tensors; Adam is elementwise, so that is K independent Adams. Between epochs the
+replicas are ordinary models again: their training events, test, checkpoint and
+metrics are those of a single run (:func:`~.trainer.end_epoch`).
+
+A replica whose loss, KL, gradient or parameters become NaN/inf stops alone: its last
+good checkpoint is kept, its ``summary.json`` says ``diverged`` (and why), and the others
+go on; the command then ends with an error naming it. Killed runs continue with
+``--resume`` (replicas whose checkpoints lag behind catch up alone first).
+
+Methods whose step is not a pure function of parameters, buffers and batch say why in
+:attr:`~vbdropout.models.methods.Method.no_replicas_reason` and are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from ..io import atomic_write_json, remove_stale_temp_files
+from ..losses import elbo_terms
+from ..models.methods import method_class
+from ..nn.base import StochasticModule, VariationalModule, optimizer_stepped
+from . import rundir
+from .config import ConfigError, TrainConfig, resolve_config
+from .loop import (
+    DivergenceError,
+    _finite_checks,
+    _gradient_message,
+    _loss_message,
+    _parameter_message,
+    _variance_message,
+    make_adam,
+)
+from .progress import ProgressBar
+from .runs import resolve_device, run_data
+from .trainer import (
+    Run,
+    TrainingInterrupted,
+    diverged,
+    end_epoch,
+    epoch_kl_weight,
+    restore_run,
+    run_epoch,
+    run_summary,
+)
+
+__all__ = ["ReplicaStack", "replica_configs", "train_replicas"]
+
+# the fields in which the replicas of one group may differ
+_OWN_FIELDS = ("seed", "out")
+
+
+def replica_configs(config: TrainConfig, replicas: int) -> list[TrainConfig]:
+    """The configs of ``replicas`` replicas of ``config``: seeds S..S+K−1 (S = its seed),
+    run directories ``OUT/seed{S+k}`` (OUT = its ``out``)."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ConfigError(f"replicas must be an integer >= 1, got {replicas!r}")
+    return [
+        dataclasses.replace(config, seed=seed, out=str(Path(config.out) / f"seed{seed}"))
+        for seed in range(config.seed, config.seed + replicas)
+    ]
+
+
+def _check_group(configs: list[TrainConfig]) -> None:
+    """Refuse a group that is not K runs of one configuration (one line each)."""
+    if not configs:
+        raise ConfigError("replicas: no run given")
+    first = configs[0]
+    for config in configs[1:]:
+        differ = [
+            f.name
+            for f in dataclasses.fields(TrainConfig)
+            if f.name not in _OWN_FIELDS and getattr(config, f.name) != getattr(first, f.name)
+        ]
+        if differ:
+            raise ConfigError(f"replicas must differ only in seed and out, not in {differ}")
+    outs = [Path(c.out).resolve() for c in configs]
+    if len(set(outs)) < len(outs):
+        raise ConfigError("replicas need one run directory each; two share one")
+    if first.nproc > 1:
+        raise ConfigError("--replicas and --nproc > 1 cannot be combined; choose one")
+    reason = method_class(first.method).no_replicas_reason
+    if reason is not None:
+        raise ConfigError(f"method {first.method!r} cannot train as replicas: {reason}")
+
+
+class ReplicaStack:
+    """K models of one architecture trained as one: their parameters stacked on a leading
+    dimension (leaf tensors of one fused Adam, whose state is the K optimizers'), their
+    buffers stacked where they differ and shared where equal.
+
+    While the stack lives, every model's parameters are views of the stacked tensors, so
+    the models see each step (their ``after_optimizer_step`` runs after it); :meth:`release`
+    gives the models their own copies back and their optimizers the stacked state.
+    """
+
+    def __init__(self, runs: list[Run], lr: float) -> None:
+        self.runs = runs
+        models = [run.model for run in runs]
+        named = [dict(model.named_parameters()) for model in models]
+        self.params = {
+            name: torch.stack([p[name].detach() for p in named]).requires_grad_(
+                named[0][name].requires_grad
+            )
+            for name in named[0]
+        }
+        for k, params in enumerate(named):  # the models' parameters become views of the stack
+            for name, p in params.items():
+                p.data = self.params[name].detach()[k]
+        buffers = [dict(model.named_buffers()) for model in models]
+        self.shared = {
+            name: b
+            for name, b in buffers[0].items()
+            if all(torch.equal(b, o[name]) for o in buffers)
+        }
+        self.batched = {
+            name: torch.stack([o[name] for o in buffers])
+            for name in buffers[0]
+            if name not in self.shared
+        }
+        self.optimizer = make_adam(self.params.values(), lr)
+        self._stack_optimizer_state(named)
+        self.model, self.dataset_size, self.kl_weight = models[0], runs[0].train_x.shape[0], 0.0
+        # where each tensor sits in the model: (module, attribute, name), each once
+        modules = dict(self.model.named_modules())
+        self.slots = [
+            (modules[prefix], kind, attribute, name)
+            for kind, named in (
+                ("_parameters", self.model.named_parameters()),
+                ("_buffers", self.model.named_buffers()),
+            )
+            for name, _ in named
+            for prefix, _, attribute in [name.rpartition(".")]
+        ]
+        self.modules = [
+            m for model in models for m in model.modules() if isinstance(m, StochasticModule)
+        ]
+        self.variance_modules = [  # per model, the modules whose σ² can overflow
+            [
+                (name, m)
+                for name, m in model.named_modules()
+                if isinstance(m, VariationalModule) and m.variance_overflows() is not None
+            ]
+            for model in models
+        ]
+
+    def _stack_optimizer_state(self, named: list[dict[str, nn.Parameter]]) -> None:
+        """The stacked Adam's state from the runs' optimizers (none before the first step)."""
+        for name, stacked in self.params.items():
+            states = [
+                run.optimizer.state.get(p[name]) for run, p in zip(self.runs, named, strict=True)
+            ]
+            if all(not s for s in states):
+                continue
+            if not all(states):
+                raise RuntimeError(f"replicas: only some optimizers hold a state for {name}")
+            self.optimizer.state[stacked] = {
+                key: value.clone() if value.dim() == 0 else torch.stack([s[key] for s in states])
+                for key, value in states[0].items()
+            }
+
+    def _objective(self, batched: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """One replica's (under ``vmap``) negative ELBO per example (Eq. 18 over N
+        examples), mean cross-entropy, KL and wrong predictions of its batch."""
+        tensors = {**self.shared, **batched}
+        saved = [
+            (module, kind, attr, getattr(module, kind)[attr])
+            for module, kind, attr, _ in self.slots
+        ]
+        # the tensors in place of the model's own (a module shared by several layers, as
+        # soft weight-sharing's prior, sits in one slot; torch.func.functional_call does
+        # not put such a module's parameters back)
+        for module, kind, attr, name in self.slots:
+            getattr(module, kind)[attr] = tensors[name]
+        try:
+            logits = self.model(x)
+            terms = elbo_terms(logits, y, self.model, self.dataset_size, self.kl_weight, "mean")
+        finally:
+            for module, kind, attr, original in saved:
+                getattr(module, kind)[attr] = original
+        wrong = (logits.argmax(1) != y).sum().to(terms.loss.dtype)
+        return torch.stack([terms.loss, terms.nll, terms.kl, wrong])
+
+    def step(self, x: Tensor, y: Tensor, kl_weight: float) -> Tensor:
+        """One training step of every replica on its batch (``x``: (K, B, ...), ``y``: (K, B)).
+
+        Returns a (K, 4 + 2P + V) float64 matrix on the device, one row per replica: its
+        loss, mean cross-entropy, KL and wrong predictions, one probe per parameter's
+        gradient and per parameter after the update (0, or NaN where non-finite), and its
+        σ² overflow flags (see :func:`failure`).
+        """
+        self.kl_weight = kl_weight
+        batched = {**self.params, **self.batched}
+        with _finite_checks(self.model, enabled=False), warnings.catch_warnings():
+            # ops without a batching rule (SBP's log_ndtr) run per replica: correct, slower
+            warnings.filterwarnings("ignore", "There is a performance drop because we have not")
+            out = vmap(self._objective, randomness="different")(batched, x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        out[:, 0].sum().backward()  # the replicas' losses share no parameter
+        stacked = list(self.params.values())
+        grads = [_probes(p.grad, len(self.runs)) for p in stacked]
+        self.optimizer.step()
+        optimizer_stepped(self.modules)
+        params = [_probes(p, len(self.runs)) for p in stacked]
+        columns = [out.detach(), torch.stack(grads, 1), torch.stack(params, 1)]
+        if self.variance_modules[0]:
+            flags = [[m.variance_overflows() for _, m in named] for named in self.variance_modules]
+            columns.append(torch.stack([torch.stack(f) for f in flags]))
+        return torch.cat([c.to(torch.float64) for c in columns], 1)
+
+    def failure(self, k: int, row: list[float], where: str) -> str | None:
+        """What went wrong in replica ``k``'s step (its row of :meth:`step`), else None."""
+        names, p = list(self.params), len(self.params)
+        loss, kl = row[0], row[2]
+        if not (_finite(loss) and _finite(kl)):
+            return _loss_message(where, loss, kl, "its update was not used")
+        grads, params, flags = row[4 : 4 + p], row[4 + p : 4 + 2 * p], row[4 + 2 * p :]
+        if (bad := _first_failed(grads)) is not None:
+            return _gradient_message(where, names[bad], loss, kl, "its update was not used")
+        if (bad := _first_failed(params)) is not None:
+            return _parameter_message(where, names[bad])
+        if (bad := next((i for i, f in enumerate(flags) if f), None)) is not None:
+            return _variance_message(where, self.variance_modules[k][bad][0])
+        return None
+
+    def release(self) -> None:
+        """The models' parameters their own tensors again, the runs' optimizers the
+        stacked optimizer's state (replica k's slice)."""
+        for k, run in enumerate(self.runs):
+            for name, p in run.model.named_parameters():
+                p.data = p.data.clone()
+                state = self.optimizer.state.get(self.params[name])
+                if state:
+                    run.optimizer.state[p] = {
+                        key: value.clone() if value.dim() == 0 else value[k].clone()
+                        for key, value in state.items()
+                    }
+
+
+def _probes(t: Tensor | None, replicas: int) -> Tensor:
+    """Per replica (leading dimension of ``t``), the sum of ``t · 0``: 0, or NaN where the
+    replica's slice holds a NaN or inf (zeros for a missing gradient)."""
+    if t is None:
+        return torch.zeros(replicas, dtype=torch.float64)
+    return (t.detach() * 0).reshape(replicas, -1).sum(1)
+
+
+def _finite(value: float) -> bool:
+    return value - value == 0
+
+
+def _first_failed(values: list[float]) -> int | None:
+    return next((i for i, v in enumerate(values) if not (_finite(v) and v == 0)), None)
+
+
+@dataclass
+class _Replica:
+    """One replica of a group: its run and where it stands."""
+
+    run: Run
+    board: Any
+    diverged: str | None = None  # why it stopped
+    order: Tensor | None = None  # the epoch's order of the training examples
+    totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss·b, nll·b, wrong
+    kl: float = 0.0
+
+
+def train_replicas(
+    configs: list[TrainConfig], resume: bool = False, progress: bool = True, force: bool = False
+) -> list[dict[str, Any]]:
+    """Train (or resume) the runs of ``configs`` as replicas of one batched model; returns
+    their summaries (as written to each ``summary.json``), in order.
+
+    ``configs`` differ only in ``seed`` and ``out`` (:func:`replica_configs` makes them).
+    Raises :class:`~.loop.DivergenceError` after the others finished when a replica
+    diverged (its summary says so); ``force`` as for :func:`~.trainer.train`.
+    """
+    configs = [resolve_config(c) for c in configs]
+    _check_group(configs)
+    device = resolve_device(configs[0].device)
+    torch.set_flush_denormal(True)
+    outs = [Path(c.out) for c in configs]
+    for out in outs:
+        rundir.prepare_out(out, force)
+    with ExitStack() as locks:
+        for out in outs:
+            locks.enter_context(rundir.run_lock(out))
+            remove_stale_temp_files(out, rundir.RUN_FILES)
+        try:
+            return _train_group(configs, device, resume, progress)
+        except KeyboardInterrupt as err:
+            how = f" by {err.args[0]}" if err.args else ""
+            raise TrainingInterrupted(
+                f"interrupted{how}; every replica keeps its last checkpoint: continue with the "
+                f"same command and --resume"
+            ) from None
+
+
+def _train_group(
+    configs: list[TrainConfig], device: torch.device, resume: bool, progress: bool
+) -> list[dict[str, Any]]:
+    data = run_data(configs[0])
+    runs = [restore_run(c, device, Path(c.out), resume, data) for c in configs]
+    replicas = [_Replica(run, rundir.tensorboard(run.out)) for run in runs]
+    config, steps = configs[0], runs[0].steps
+    bar = ProgressBar(
+        config.epochs * steps, f"{config.model}/{config.method} ×{len(runs)}", enabled=progress
+    )
+    start = max(run.start_epoch for run in runs)
+    for replica in replicas:  # a kill may have left some checkpoints an epoch behind
+        for epoch in range(replica.run.start_epoch, start):
+            _train_alone(replica, epoch)
+    for epoch in range(start, config.epochs):
+        status = _group_epoch([r for r in replicas if r.diverged is None], epoch, bar)
+    bar.close(status if start < config.epochs else "")
+    summaries = []
+    for replica in replicas:
+        if replica.board is not None:
+            replica.board.close()
+        summary = _replica_summary(replica, len(replicas))
+        atomic_write_json(replica.run.out / "summary.json", summary)
+        summaries.append(summary)
+    failed = [r for r in replicas if r.diverged is not None]
+    if failed:
+        done = [str(r.run.out) for r in replicas if r.diverged is None]
+        raise DivergenceError(
+            "; ".join(f"replica seed {r.run.config.seed}: {r.diverged}" for r in failed)
+            + (f"; finished: {', '.join(done)}" if done else "")
+        )
+    return summaries
+
+
+def _train_alone(replica: _Replica, epoch: int) -> None:
+    """Epoch ``epoch`` of one replica on its own (a single run's epoch)."""
+    if replica.diverged is not None:
+        return
+    bar = ProgressBar(1, "", enabled=False)
+    try:
+        run_epoch(replica.run, epoch, bar, replica.board, "")
+    except DivergenceError as err:
+        replica.diverged = str(err)
+
+
+def _group_epoch(active: list[_Replica], epoch: int, bar: ProgressBar) -> str:
+    """Train epoch ``epoch`` of the ``active`` replicas together; then test, log and
+    checkpoint each. Returns the progress bar's status line."""
+    if not active:
+        return ""
+    run0 = active[0].run
+    config, steps, x, y = run0.config, run0.steps, run0.train_x, run0.train_y
+    n, batch = x.shape[0], config.batch_size
+    for replica in active:
+        replica.totals, replica.kl = [0.0, 0.0, 0.0], 0.0
+        gen = replica.run.generator
+        replica.order = torch.randperm(n, generator=gen, device=gen.device).to(x.device)
+        replica.run.model.train()
+    stack = ReplicaStack([r.run for r in active], run0.optimizer.param_groups[0]["lr"])
+    started = time.perf_counter()
+    beta = 0.0
+    for step in range(steps):
+        beta = epoch_kl_weight(config, epoch + step / steps)
+        index = torch.stack([r.order[step * batch : (step + 1) * batch] for r in active])
+        rows = stack.step(x[index], y[index], beta).tolist()  # the one host read of a step
+        size = index.shape[1]
+        where = f"step {step + 1}/{steps}"
+        failed = []
+        for k, (replica, row) in enumerate(zip(active, rows, strict=True)):
+            why = stack.failure(k, row, where)
+            if why is not None:
+                replica.diverged = str(diverged(replica.run, epoch, DivergenceError(why)))
+                failed.append(replica)
+                continue
+            replica.totals[0] += row[0] * size
+            replica.totals[1] += row[1] * size
+            replica.totals[2] += row[3]
+            replica.kl = row[2]
+        if failed:  # the others go on without them, from this step's update
+            stack.release()
+            active = [r for r in active if r.diverged is None]
+            if not active:
+                bar.update((epoch + 1) * steps, "every replica diverged")
+                return "every replica diverged"
+            stack = ReplicaStack([r.run for r in active], run0.optimizer.param_groups[0]["lr"])
+        seen = (step + 1) * batch if step + 1 < steps else n
+        losses = [r.totals[0] / seen for r in active]
+        bar.update(
+            epoch * steps + step + 1, f"ep {epoch + 1} loss {min(losses):.4f}..{max(losses):.4f}"
+        )
+    stack.release()
+    seconds = time.perf_counter() - started
+    status = ""
+    for replica in active:
+        t = replica.totals
+        stats = {
+            "loss": t[0] / n,
+            "nll": t[1] / n,
+            "kl": replica.kl,
+            "train_error": t[2] / n,
+            "kl_weight": beta,
+            "seconds": seconds,
+        }
+        with warnings.catch_warnings():  # its optimizer was stepped through the stack
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+            status = end_epoch(replica.run, epoch, stats, replica.board)
+    return status
+
+
+def _replica_summary(replica: _Replica, replicas: int) -> dict[str, Any]:
+    """The summary of one replica: a single run's, and how it was trained; for a replica
+    that diverged, its setup, its last good epoch's scores and why it stopped."""
+    run = replica.run
+    group = {"replicas": replicas}
+    if replica.diverged is None:
+        return {**run_summary(run), **group}
+    config = run.config
+    return {
+        "model": config.model,
+        "method": config.method,
+        "dataset": config.dataset,
+        "epochs": config.epochs,
+        "seed": config.seed,
+        "diverged": replica.diverged,
+        "epochs_done": len(run.history),
+        "last_epoch": run.history[-1] if run.history else None,
+        "config": config.to_dict(),
+        "command": run.command,
+        "run_dir": str(run.out),
+        **group,
+    }

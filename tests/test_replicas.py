@@ -1,0 +1,301 @@
+"""``vbd train --replicas K``: K seeds trained as one batched model (real MNIST subsets).
+
+Replica k must be the single run of its seed (exactly so, to float rounding, for a method
+without noise), its run directory an ordinary one, its noise its own; a replica that
+diverges stops alone; a killed group resumes; bad input is one line, nothing written.
+"""
+
+import dataclasses
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch.func import grad, vmap
+
+from vbdropout.cli import main
+from vbdropout.io import load_checkpoint
+from vbdropout.models import METHODS
+from vbdropout.models.methods import method_class
+from vbdropout.priors import HierarchicalPrior, LogUniformPrior
+from vbdropout.train import DivergenceError, TrainConfig, replica_configs, train, train_replicas
+from vbdropout.train.replicas import ReplicaStack
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def config(out, shared_data, **kw):
+    fields = dict(
+        model="lenet300_100",
+        method="none",
+        dataset="mnist",
+        out=str(out),
+        epochs=3,
+        train_subset=600,
+        data_dir=str(shared_data),
+        kl_warmup=(0, 2),
+        device="cpu",
+    )
+    fields.update(kw)
+    return TrainConfig(**fields)
+
+
+def assert_same_run(a, b, atol=1e-5):
+    """Two run directories hold the same model and optimizer state, to float rounding."""
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    assert ca["epoch"] == cb["epoch"]
+    for key, value in ca["model"].items():
+        torch.testing.assert_close(value, cb["model"][key], atol=atol, rtol=0, msg=key)
+    for index, state in ca["optimizer"]["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(
+                value, cb["optimizer"]["state"][index][key], atol=atol, rtol=0
+            )
+    assert ca["rng"]["shuffle"].equal(cb["rng"]["shuffle"])  # the same data order drawn
+
+
+@pytest.mark.parametrize("method", ["none", "pruning"])
+def test_a_replica_of_a_noiseless_method_is_the_single_run_of_its_seed(
+    method, tmp_path, shared_data
+):
+    # pruning: masks set by epoch events, pruned weights re-zeroed after every step
+    epochs = 4 if method == "pruning" else 3
+    group = replica_configs(
+        config(tmp_path / "group", shared_data, method=method, epochs=epochs, seed=3), 2
+    )
+    summaries = train_replicas(group, progress=False)
+    assert [s["seed"] for s in summaries] == [3, 4]
+    assert [s["run_dir"] for s in summaries] == [
+        str(tmp_path / "group" / f"seed{k}") for k in (3, 4)
+    ]
+    for seed, summary in zip((3, 4), summaries, strict=True):
+        single = train(
+            config(
+                tmp_path / f"single{seed}", shared_data, method=method, epochs=epochs, seed=seed
+            ),
+            progress=False,
+        )
+        assert_same_run(tmp_path / "group" / f"seed{seed}", tmp_path / f"single{seed}")
+        assert summary["test_error"] == pytest.approx(single["test_error"], abs=1 / 10_000)
+        assert summary["compression"]["nonzero"] == single["compression"]["nonzero"]
+        assert summary["replicas"] == 2
+    if method == "pruning":
+        assert summaries[0]["compression"]["compression_ratio"] > 5  # the masks did prune
+
+
+def test_replicas_draw_their_own_noise(tmp_path, shared_data):
+    # two replicas of the same seed: same init and data order, so only the noise can differ
+    for method in ("none", "vbd"):
+        base = config(tmp_path / method, shared_data, method=method, epochs=1)
+        group = [dataclasses.replace(base, out=str(tmp_path / method / name)) for name in "ab"]
+        train_replicas(group, progress=False)
+        a, b = (load_checkpoint(tmp_path / method / name)["model"] for name in ("a", "b"))
+        same = all(torch.equal(a[key], b[key]) for key in a)
+        assert same == (method == "none"), method
+
+
+def test_vbd_replicas_match_single_runs_in_distribution(tmp_path, shared_data):
+    seeds = range(3)
+    kw = dict(method="vbd", epochs=3, train_subset=1000)
+    summaries = train_replicas(
+        replica_configs(config(tmp_path / "group", shared_data, **kw), len(seeds)), progress=False
+    )
+    singles = [
+        train(config(tmp_path / f"s{s}", shared_data, seed=s, **kw), progress=False) for s in seeds
+    ]
+
+    def final(summary, key):
+        rows = (tmp_path / summary["run_dir"] / "metrics.jsonl").read_text().splitlines()
+        return json.loads(rows[-1])[key]
+
+    for key in ("kl", "test_error", "loss"):
+        ours = torch.tensor([final(s, key) for s in summaries], dtype=torch.float64)
+        theirs = torch.tensor([final(s, key) for s in singles], dtype=torch.float64)
+        spread = torch.cat([ours, theirs]).std()
+        # the same seeds: same init and order, only the noise differs
+        assert (ours - theirs).abs().max() <= 4 * spread + 1e-3 * theirs.abs().max(), key
+        assert len(set(ours.tolist())) == len(seeds), key  # the replicas are not copies
+
+
+def test_replica_run_directories_are_ordinary_runs(tmp_path, shared_data, capsys):
+    out = tmp_path / "group"
+    code = main([
+        "train", "--model", "lenet300_100", "--method", "vbd", "--dataset", "mnist",
+        "--data-dir", str(shared_data), "--train-subset", "600", "--epochs", "2",
+        "--kl-warmup", "0", "1", "--device", "cpu", "--replicas", "2", "--seed", "5",
+        "--out", str(out), "--json",
+    ])  # fmt: skip
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert [s["seed"] for s in printed["replicas"]] == [5, 6]
+    run = out / "seed6"
+    summary = json.loads((run / "summary.json").read_text())
+    assert main(["eval", str(run), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert evaluated["test_error"] == pytest.approx(summary["test_error"], abs=1e-6)
+    assert main(["compress", str(run), "--out", str(tmp_path / "shrunk"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert report["compression_ratio"] == pytest.approx(summary["compression"]["compression_ratio"])
+    # resumed alone with one more epoch, as a single run would be
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "3", "--json"]) == 0
+    resumed = load_checkpoint(run)
+    assert resumed["epoch"] == 3 and len(resumed["history"]) == 3
+    assert resumed["config"]["seed"] == 6
+
+
+def test_a_diverging_replica_stops_alone(tmp_path, shared_data, monkeypatch):
+    step = ReplicaStack.step
+    calls = []
+
+    def poisoned(self, x, y, kl_weight):  # NaN inputs for replica 1 from its 14th step
+        calls.append(len(self.runs))
+        if len(calls) >= 14 and len(self.runs) == 2:
+            x = x.clone()
+            x[1] = float("nan")
+        return step(self, x, y, kl_weight)
+
+    monkeypatch.setattr(ReplicaStack, "step", poisoned)
+    group = replica_configs(config(tmp_path / "group", shared_data, epochs=3), 2)
+    with pytest.raises(
+        DivergenceError, match=r"replica seed 1: training diverged in epoch 3, step 2/6"
+    ):
+        train_replicas(group, progress=False)
+    failed = json.loads((tmp_path / "group" / "seed1" / "summary.json").read_text())
+    assert "loss=nan" in failed["diverged"] and failed["epochs_done"] == 2
+    assert "test_error" not in failed  # no broken model reported as a result
+    assert load_checkpoint(tmp_path / "group" / "seed1")["epoch"] == 2  # the last good one
+    # replica 0 went on, untouched: it is still the single run of its seed
+    train(config(tmp_path / "single0", shared_data, epochs=3), progress=False)
+    assert_same_run(tmp_path / "group" / "seed0", tmp_path / "single0")
+    assert "diverged" not in json.loads((tmp_path / "group" / "seed0" / "summary.json").read_text())
+
+
+def cli(out, shared_data, epochs, *extra):
+    return [
+        sys.executable, "-m", "vbdropout", "train", "--model", "lenet300_100", "--method",
+        "none", "--dataset", "mnist", "--data-dir", str(shared_data), "--train-subset", "600",
+        "--epochs", str(epochs), "--device", "cpu", "--replicas", "2", "--seed", "0",
+        "--out", str(out), "--json", *extra,
+    ]  # fmt: skip
+
+
+def test_a_killed_group_resumes_to_the_uninterrupted_result(tmp_path, shared_data):
+    epochs = 12
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen(
+        cli(tmp_path / "g", shared_data, epochs),
+        env=env,
+        stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    metrics = tmp_path / "g" / "seed1" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+        metrics.exists() and metrics.read_text().count("\n") >= 3
+    ):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(tmp_path / "g" / "seed1")["epoch"]
+    assert 0 < killed_at < epochs
+    resumed = subprocess.run(
+        cli(tmp_path / "g", shared_data, epochs, "--resume"),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    for seed in (0, 1):
+        rows = (tmp_path / "g" / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(r)["epoch"] for r in rows] == list(range(1, epochs + 1))
+        train(
+            config(tmp_path / f"single{seed}", shared_data, epochs=epochs, seed=seed),
+            progress=False,
+        )
+        assert_same_run(tmp_path / "g" / f"seed{seed}", tmp_path / f"single{seed}")
+
+
+def test_a_replica_left_behind_catches_up_alone(tmp_path, shared_data):
+    group = replica_configs(config(tmp_path / "g", shared_data), 2)
+    train_replicas(group, progress=False)
+    lost = tmp_path / "g" / "seed1"
+    shutil.rmtree(lost)
+    summaries = train_replicas(group, resume=True, progress=False)  # seed 0 done, seed 1 anew
+    assert [s["seed"] for s in summaries] == [0, 1]
+    train(config(tmp_path / "single1", shared_data, seed=1), progress=False)
+    assert_same_run(lost, tmp_path / "single1")
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--method", "dns"], "method 'dns' cannot train as replicas: its forward pass decides"),
+        (["--method", "adversarial"], "method 'adversarial' cannot train as replicas"),
+        (["--nproc", "2"], "--replicas and --nproc > 1 cannot be combined"),
+    ],
+)
+def test_bad_replica_requests_are_one_line_errors_and_write_nothing(
+    extra, match, tmp_path, shared_data, capsys
+):
+    out = tmp_path / "group"
+    code = main([
+        "train", "--dataset", "mnist", "--data-dir", str(shared_data), "--replicas", "2",
+        "--out", str(out), *extra,
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0 and match in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_replicas_must_be_a_positive_count(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--replicas", "0", "--out", str(tmp_path / "g")])
+    assert exit_.value.code == 2 and "--replicas" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+    with pytest.raises(ValueError, match="replicas must be an integer >= 1"):
+        replica_configs(TrainConfig(), 0)
+
+
+@pytest.mark.parametrize("model", ["lenet300_100", "lenet5_caffe"])
+def test_every_method_either_trains_as_replicas_or_says_why(model, tmp_path, shared_data):
+    for name, cls in METHODS.items():
+        if cls.no_replicas_reason is not None:
+            assert len(cls.no_replicas_reason) > 20, name
+            continue
+        base = config(
+            tmp_path / model / name,
+            shared_data,
+            model=model,
+            method=name,
+            epochs=1,
+            train_subset=200,
+            batch_size=50,
+        )
+        summaries = train_replicas(replica_configs(base, 2), progress=False)
+        assert all(0 <= s["test_error"] <= 1 for s in summaries), name
+    assert method_class("vbd").no_replicas_reason is None
+
+
+@pytest.mark.parametrize("prior", [HierarchicalPrior(), LogUniformPrior()])
+def test_the_kl_under_vmap_has_the_custom_functions_value_and_gradient(prior):
+    # the replicas' vmap takes autograd's route through the KL; it must be the same function
+    torch.manual_seed(0)
+    theta = torch.randn(3, 40, 30) * torch.logspace(-4, 0, 30)
+    log_sigma2 = torch.randn(3, 40, 30) * 3 - 8
+
+    def kl(t, s):
+        return prior.kl_sum_additive(t, s)
+
+    batched = vmap(kl)(theta, log_sigma2)
+    grads = vmap(grad(kl, argnums=(0, 1)))(theta, log_sigma2)
+    for k in range(3):
+        t, s = theta[k].clone().requires_grad_(), log_sigma2[k].clone().requires_grad_()
+        value = kl(t, s)
+        value.backward()
+        torch.testing.assert_close(batched[k], value.detach(), rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(grads[0][k], t.grad, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(grads[1][k], s.grad, rtol=1e-3, atol=1e-4)
