@@ -82,7 +82,7 @@ def test_a_replica_of_a_noiseless_method_is_the_single_run_of_its_seed(
         assert_same_run(tmp_path / "group" / f"seed{seed}", tmp_path / f"single{seed}")
         assert summary["test_error"] == pytest.approx(single["test_error"], abs=1 / 10_000)
         assert summary["compression"]["nonzero"] == single["compression"]["nonzero"]
-        assert summary["replicas"] == 2
+        assert summary["replicas"] == 2 and single["replicas"] == 1
     if method == "pruning":
         assert summaries[0]["compression"]["compression_ratio"] > 5  # the masks did prune
 
@@ -131,7 +131,7 @@ def test_replica_run_directories_are_ordinary_runs(tmp_path, shared_data, capsys
     ])  # fmt: skip
     assert code == 0
     printed = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert [s["seed"] for s in printed["replicas"]] == [5, 6]
+    assert [s["seed"] for s in printed["runs"]] == [5, 6]
     run = out / "seed6"
     summary = json.loads((run / "summary.json").read_text())
     assert main(["eval", str(run), "--json"]) == 0
@@ -299,3 +299,36 @@ def test_the_kl_under_vmap_has_the_custom_functions_value_and_gradient(prior):
         torch.testing.assert_close(batched[k], value.detach(), rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(grads[0][k], t.grad, rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(grads[1][k], s.grad, rtol=1e-3, atol=1e-4)
+
+
+def reproduce_table4(out, shared_data, *extra):
+    return main([
+        "reproduce", "table4", "--only", "^(Original|Pruning) .*lenet300", "--seeds", "2",
+        "--epochs", "2", "--train-subset", "600", "--data-dir", str(shared_data),
+        "--device", "cpu", "--out", str(out), "--json", *extra,
+    ])  # fmt: skip
+
+
+def test_reproduce_trains_the_seeds_of_a_row_as_replicas(tmp_path, shared_data, capsys):
+    assert reproduce_table4(tmp_path / "on", shared_data, "--replicas", "on") == 0
+    assert reproduce_table4(tmp_path / "auto", shared_data) == 0  # on a CPU: one run each
+    capsys.readouterr()
+    cells = {}
+    for name in ("on", "auto"):
+        for path in sorted((tmp_path / name).glob("table4-*/cells/*/seed*.json")):
+            cell = json.loads(path.read_text())
+            cells.setdefault(name, []).append(cell)
+    assert [c["replicas"] for c in cells["on"]] == [2, 2, 2, 2]
+    assert [c["replicas"] for c in cells["auto"]] == [1, 1, 1, 1]
+    for on, alone in zip(cells["on"], cells["auto"], strict=True):  # noiseless: the same runs
+        assert (on["label"], on["seed"]) == (alone["label"], alone["seed"])
+        assert on["test_error"] == pytest.approx(alone["test_error"], abs=1 / 10_000)
+        assert on["compression"]["nonzero"] == alone["compression"]["nonzero"]
+
+
+def test_reproduce_refuses_replicas_with_other_executors(tmp_path, shared_data, capsys):
+    out = tmp_path / "out"
+    assert reproduce_table4(out, shared_data, "--replicas", "on", "--executor", "processes") == 1
+    err = capsys.readouterr().err
+    assert "replicas train in one process: use them with the local executor" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

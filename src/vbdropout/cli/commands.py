@@ -283,6 +283,14 @@ def add_reproduce_parser(sub: Any) -> None:
         "(default: one per core)",
     )
     repro.add_argument(
+        "--replicas",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="train the seeds of a row at once as replicas of one batched model where the "
+        "method can (local executor only); auto: on a GPU, off on a CPU, where single runs "
+        "are faster (default auto)",
+    )
+    repro.add_argument(
         "--address",
         help="the Ray cluster's HOST:PORT for --executor ray (default: $RAY_ADDRESS, else a "
         "local Ray instance on this machine's cores)",
@@ -310,6 +318,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> dict[str, Any]:
         executor=args.executor,
         address=args.address,
         workers=args.workers,
+        replicas=args.replicas,
     )
     if not args.json:
         print(Path(result["markdown"]).read_text(), end="")

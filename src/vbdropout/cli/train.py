@@ -74,7 +74,7 @@ def _train_replicas(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     )
     for summary in summaries:
         _report(summary, args.json)
-    return {"replicas": summaries}
+    return {"runs": summaries}
 
 
 def _report(summary: dict[str, Any], quiet: bool) -> None:

@@ -14,6 +14,7 @@ time and device.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,7 +28,9 @@ from typing import Any
 
 from ..io import atomic_write_bytes, atomic_write_json
 from ..models import METHODS
+from ..models.methods import method_class
 from ..train.config import TrainConfig
+from ..train.loop import DivergenceError
 from .executors import CellJob, check_executor, run_jobs
 from .stats import mean_interval, welch_interval
 from .tables import TABLES, Budget, Row, Table
@@ -90,6 +93,7 @@ class _CellRunner:
     data_dir: str | None
     progress: bool
     command: str  # the command that asked for the cell, recorded in it
+    replica_seeds: tuple[int, ...] = ()  # trained together where the method can (--replicas)
 
     def __call__(self, job: CellJob) -> dict[str, Any]:
         cell = self._compute(job.row, job.seed)
@@ -109,6 +113,7 @@ class _CellRunner:
         run_dir = Path(config.out)
         start = time.perf_counter()
         if row.evaluate_run_of is None:
+            self._train_replicas(row)
             summary = train(
                 config, resume=(run_dir / "checkpoint.pt").exists(), progress=self.progress
             )
@@ -141,10 +146,36 @@ class _CellRunner:
             "device": summary["device"],
             "wall_seconds": time.perf_counter() - start,
             "train_seconds": summary["train_seconds"],
+            "replicas": summary.get("replicas", 1),  # trained as one of this many
             "versions": summary["versions"],
             "command": self.command,
             "run_dir": str(run_dir),
         }
+
+    def _train_replicas(self, row: Row) -> None:
+        """Train the unfinished runs of ``row``'s :attr:`replica_seeds` as replicas of one
+        batched model (:func:`~vbdropout.train.train_replicas`), when two or more are
+        left and the method can; each cell then finds its run finished. A replica that
+        diverged is left to its cell, which continues it alone."""
+        from ..train import train_replicas
+
+        if method_class(row.method).no_replicas_reason is not None:
+            return
+        configs = [
+            cell_config(row, self.table, self.budget, s, self.base, self.device, self.data_dir)
+            for s in self.replica_seeds
+        ]
+        left = [c for c in configs if not _finished(Path(c.out))]
+        if len(left) < 2:
+            return
+        with contextlib.suppress(DivergenceError):  # its summary says so; its cell's own
+            train_replicas(left, resume=True, progress=self.progress)  # train() continues it
+
+
+def _finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that trained to its end (a summary, not a divergence)."""
+    path = run_dir / "summary.json"
+    return path.is_file() and "diverged" not in json.loads(path.read_text())
 
 
 def _reevaluate(
@@ -179,6 +210,7 @@ def reproduce(
     executor: str = "local",
     address: str | None = None,
     workers: int | None = None,
+    replicas: str = "auto",
 ) -> dict[str, Any]:
     """Run every (matching) cell of ``table`` and write its markdown and plots.
 
@@ -194,6 +226,11 @@ def reproduce(
     (cells as tasks on the Ray cluster at ``address``, default a local instance or
     ``$RAY_ADDRESS``; ``out`` must then be on storage the workers share); see
     :mod:`.executors`.
+    ``replicas``: ``"on"`` trains the seeds of a row together as replicas of one batched
+    model where the method can (:func:`~vbdropout.train.train_replicas`; the local
+    executor only), ``"off"`` one run after another, ``"auto"`` (default) on where the
+    cells train on a GPU: on a CPU replicas are slower than single runs with the fused
+    kernels (docs/PERFORMANCE.md).
     """
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; known: {', '.join(TABLES)}")
@@ -219,6 +256,7 @@ def reproduce(
     if len(seed_list) < 1 or seed_list.start < 0:
         raise ValueError(f"seeds must name at least one seed >= 0, got {seeds}")
     check_executor(executor, address, workers)
+    together = _use_replicas(replicas, executor, device)
     pattern = re.compile(only, re.IGNORECASE) if only else None
     out = Path(out)
     base = _cell_dir(out, table, budget).resolve()  # absolute: also a Ray worker's path
@@ -250,7 +288,16 @@ def reproduce(
             slots.append(None)
     data_dir = str(Path(data_dir).resolve()) if data_dir else None
     bars = progress and executor == "local"  # workers' bars would interleave or reach nothing
-    runner = _CellRunner(spec, budget, base, device, data_dir, bars, " ".join(sys.argv))
+    runner = _CellRunner(
+        spec,
+        budget,
+        base,
+        device,
+        data_dir,
+        bars,
+        " ".join(sys.argv),
+        tuple(seed_list) if together else (),
+    )
     computed = iter(run_jobs(jobs, runner, executor, address, progress, workers))
     cells = [cell if cell is not None else next(computed) for cell in slots]
     name = f"{table}.md" if budget == "paper" else f"{table}-{budget}.md"
@@ -267,6 +314,21 @@ def reproduce(
         "markdown": str(out / name),
         "plots": plots,
     }
+
+
+def _use_replicas(replicas: str, executor: str, device: str) -> bool:
+    """Whether the seeds of a row train together (see :func:`reproduce`'s ``replicas``)."""
+    from ..train.runs import resolve_device
+
+    if replicas not in ("auto", "on", "off"):
+        raise ValueError(f"replicas must be 'auto', 'on' or 'off', got {replicas!r}")
+    if replicas == "on" and executor != "local":
+        raise ValueError(
+            f"replicas train in one process: use them with the local executor, not {executor}"
+        )
+    if replicas == "auto":
+        return executor == "local" and resolve_device(device).type == "cuda"
+    return replicas == "on"
 
 
 def _finished_cells(spec: Table, base: Path) -> list[dict[str, Any]]:

@@ -340,7 +340,7 @@ def _train_group(
     for replica in replicas:
         if replica.board is not None:
             replica.board.close()
-        summary = _replica_summary(replica, len(replicas))
+        summary = _replica_summary(replica)
         atomic_write_json(replica.run.out / "summary.json", summary)
         summaries.append(summary)
     failed = [r for r in replicas if r.diverged is not None]
@@ -424,17 +424,16 @@ def _group_epoch(active: list[_Replica], epoch: int, bar: ProgressBar) -> str:
         }
         with warnings.catch_warnings():  # its optimizer was stepped through the stack
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
-            status = end_epoch(replica.run, epoch, stats, replica.board)
+            status = end_epoch(replica.run, epoch, stats, replica.board, len(active))
     return status
 
 
-def _replica_summary(replica: _Replica, replicas: int) -> dict[str, Any]:
-    """The summary of one replica: a single run's, and how it was trained; for a replica
-    that diverged, its setup, its last good epoch's scores and why it stopped."""
+def _replica_summary(replica: _Replica) -> dict[str, Any]:
+    """The summary of one replica: a single run's; for a replica that diverged, its setup,
+    its last good epoch's scores and why it stopped."""
     run = replica.run
-    group = {"replicas": replicas}
     if replica.diverged is None:
-        return {**run_summary(run), **group}
+        return run_summary(run)
     config = run.config
     return {
         "model": config.model,
@@ -448,5 +447,4 @@ def _replica_summary(replica: _Replica, replicas: int) -> dict[str, Any]:
         "config": config.to_dict(),
         "command": run.command,
         "run_dir": str(run.out),
-        **group,
     }

@@ -189,12 +189,14 @@ def _in_the_making(name: str) -> bool:
 
 
 def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
-    """Write the rows of ``history`` (one per epoch) as ``metrics.jsonl`` and ``metrics.csv``."""
+    """Write the rows of ``history`` (one per epoch) as ``metrics.jsonl`` and ``metrics.csv``
+    (whose columns are every key of any row, in the order they first appear: a run resumed
+    by a newer version may add one)."""
     lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
     atomic_write_bytes(out / "metrics.jsonl", lines.encode())
     text = io.StringIO()
     if history:
-        writer = csv.DictWriter(text, fieldnames=list(history[0]))
+        writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
         writer.writeheader()
         writer.writerows(history)
     atomic_write_bytes(out / "metrics.csv", text.getvalue().encode())

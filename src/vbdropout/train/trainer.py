@@ -354,10 +354,12 @@ def diverged(run: Run, epoch: int, err: DivergenceError) -> DivergenceError:
     return DivergenceError(f"training diverged in epoch {epoch + 1}, {err}; {kept}")
 
 
-def end_epoch(run: Run, epoch: int, stats: dict[str, Any], board: Any) -> str:
+def end_epoch(run: Run, epoch: int, stats: dict[str, Any], board: Any, replicas: int = 1) -> str:
     """After epoch ``epoch`` of ``run`` trained (``stats``: :func:`train_epoch`'s): the
     method's training events and the lr schedule; on the main process also test, log and
-    checkpoint. Returns the progress bar's status line ("" on the other processes)."""
+    checkpoint. ``replicas``: how many runs trained in the epoch together, ``run`` one of
+    them (:mod:`.replicas`; its ``seconds`` are theirs). Returns the progress bar's status
+    line ("" on the other processes)."""
     config, world = run.config, distributed.current()
     lr = run.optimizer.param_groups[0]["lr"]
     if epoch < config.epochs - 1:
@@ -379,6 +381,7 @@ def end_epoch(run: Run, epoch: int, stats: dict[str, Any], board: Any) -> str:
         "lr": lr,
         "kl_weight": stats["kl_weight"],  # kl_scale·β of the epoch's last step
         **{k: stats[k] for k in ("loss", "nll", "kl", "train_error", "seconds")},
+        "replicas": replicas,
         "test_error": test["error"],
         "test_nll": test["nll"],
         "sparsity": report.sparsity,
@@ -411,6 +414,7 @@ def run_summary(run: Run) -> dict[str, Any]:
         "test_nll": last["test_nll"],
         "compression": report.to_dict(),
         "train_seconds": run.elapsed,
+        "replicas": last.get("replicas", 1),  # trained last as one of this many (1: alone)
         "versions": _versions(),
         "config": config.to_dict(),
         "command": run.command,
