@@ -1,23 +1,26 @@
-"""Many seeds at once on CPU: replicas stacked into one batched model vs one run per seed.
+"""Many seeds at once: ``vbd train --replicas`` (one batched model) vs one run per seed.
 
 Two measurements, side by side in one process:
 
-1. **One training step of K LeNet-300-100 VBD replicas** (batch 100 each). "stacked":
-   the K replicas' parameters stacked on a leading dimension, one ``bmm`` per layer for
-   the LRT mean and variance, the KL of Eq. 18 and one fused Adam over the stacked
-   tensors (what a replica-batched model would run, in plain PyTorch); "K single": K
-   vbdropout models stepped one after another (fused CPU kernels). Also the fit
-   t(batch) = per-weight cost + per-example cost · batch of one model's step at batch 100
-   and 1000: the per-weight part (σ² = exp(log σ²), the KL, Adam — over every weight,
-   whatever the batch) is what K replicas cannot share, so batching them saves only
-   the dispatch overhead.
-2. **K seeds of one cell through ``vbd reproduce``**: the local executor (one cell after
-   another, all threads each) vs ``--executor processes`` (one worker process per core,
-   the cores shared out) and ``--executor ray`` on a local Ray instance (one cell per
-   core, one thread each), wall time of the whole call. Needs MNIST (``$VBD_DATA_DIR``);
-   Ray is left out without ray.
+1. **One training step of K replicas** (batch 100 each) of LeNet-300-100 and LeNet-5 VBD:
+   "replicas": :class:`vbdropout.train.replicas.ReplicaStack` (the step ``vbd train
+   --replicas K`` runs: ``vmap`` over stacked parameters, one fused Adam, the per-step
+   checks); "K single": K single runs' steps one after another (fused CPU kernels,
+   the per-step checks of ``train_epoch``). Also the fit t(batch) = per-weight cost +
+   per-example cost · batch of one model's step at batch 100 and 1000 (LeNet-300-100):
+   the per-weight part (σ² = exp(log σ²), the KL, Adam over every weight, whatever the
+   batch) is what K replicas cannot share. ``--device cuda`` times the same on a GPU
+   (there ``--replicas 1 16`` gives the issue's K = 16 vs one replica).
+2. **K seeds of one cell through ``vbd reproduce``** (CPU): the local executor one cell
+   after another (``--replicas off``), as replicas (``--replicas on``), ``--executor
+   processes`` (one worker process per core, the cores shared out) and ``--executor
+   ray`` on a local Ray instance; wall time of the whole call. Ray is left out without
+   ray.
+
+Both need MNIST (``$VBD_DATA_DIR``).
 
     python benchmarks/bench_replicas.py [--rounds 7] [--steps 20] [--seeds 4] [--epochs 2]
+        [--device cpu|cuda] [--replicas 4 8] [--skip-seeds]
 """
 
 from __future__ import annotations
@@ -30,68 +33,53 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from itertools import pairwise
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from vbdropout import kl_divergence
-from vbdropout.models import build_model
-from vbdropout.train.loop import make_adam
+from vbdropout.losses import elbo_terms
+from vbdropout.train import TrainConfig, replica_configs, resolve_config
+from vbdropout.train.loop import _checked_step
+from vbdropout.train.replicas import ReplicaStack
+from vbdropout.train.runs import resolve_device, run_data
+from vbdropout.train.trainer import restore_run
 
-N_TRAIN = 60_000
-DIMS = (784, 300, 100, 10)
-LOG_ALPHA_CLIP = 10.0  # the layer's clamp of log α in the KL
-
-
-def stacked_step(replicas: int, batch: int) -> Callable[[], None]:
-    """One step of ``replicas`` stacked LeNet-300-100 VBD replicas (plain PyTorch)."""
-    params: list[torch.Tensor] = []
-    for fan_in, fan_out in pairwise(DIMS):
-        theta = torch.randn(replicas, fan_in, fan_out) / fan_in**0.5
-        log_sigma2 = torch.full((replicas, fan_in, fan_out), -10.0)
-        bias = torch.zeros(replicas, 1, fan_out)
-        params += [p.requires_grad_() for p in (theta, log_sigma2, bias)]
-    optimizer = make_adam(params, lr=1e-3)
-    x = torch.rand(replicas, batch, DIMS[0])
-    y = torch.randint(0, DIMS[-1], (replicas, batch))
-
-    def step() -> None:
-        h, kl = x, x.new_zeros(())
-        for i in range(len(DIMS) - 1):
-            theta, log_sigma2, bias = params[3 * i : 3 * i + 3]
-            mean = torch.baddbmm(bias, h, theta)
-            var = torch.bmm(h * h, log_sigma2.exp())
-            h = mean + torch.sqrt(var + 1e-8) * torch.randn_like(mean)
-            if i < len(DIMS) - 2:
-                h = F.relu(h)
-            log_alpha = (log_sigma2 - torch.log(theta * theta + 1e-8)).clamp(
-                -LOG_ALPHA_CLIP, LOG_ALPHA_CLIP
-            )
-            kl = kl + 0.5 * F.softplus(-log_alpha).sum()  # ½·log(1 + 1/α), Eq. 18
-        nll = F.cross_entropy(h.reshape(-1, DIMS[-1]), y.reshape(-1), reduction="sum")
-        loss = nll * (N_TRAIN / batch) + kl  # each replica's N·mean CE + KL, summed
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+MODELS = ("lenet300_100", "lenet5_caffe")
 
 
-def single_steps(replicas: int, batch: int) -> Callable[[], None]:
-    """One step of each of ``replicas`` vbdropout LeNet-300-100 VBD models, in turn."""
-    models = [build_model("lenet300_100", "vbd") for _ in range(replicas)]
-    optimizers = [make_adam(m.parameters(), lr=1e-3) for m in models]
-    x = torch.rand(batch, 1, 28, 28)
-    y = torch.randint(0, DIMS[-1], (batch,))
+def _runs(model: str, replicas: int, device: str, folder: str) -> list:
+    """``replicas`` fresh VBD runs of ``model`` (seeds 0..K−1, run directories in ``folder``)
+    on ``device``."""
+    base = TrainConfig(model=model, method="vbd", dataset="mnist", out=folder, device=device)
+    configs = [resolve_config(c) for c in replica_configs(base, replicas)]
+    data = run_data(configs[0])
+    runs = []
+    for config in configs:
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+        runs.append(restore_run(config, resolve_device(device), Path(config.out), False, data))
+    for run in runs:
+        run.model.train()
+    return runs
+
+
+def replicas_step(runs: list, batch: int) -> Callable[[], None]:
+    """One step of the runs as replicas (:class:`ReplicaStack`), read back as a run reads it."""
+    stack = ReplicaStack(runs, 1e-3)
+    k = len(runs)
+    x = runs[0].train_x[: k * batch].reshape(k, batch, *runs[0].train_x.shape[1:])
+    y = runs[0].train_y[: k * batch].reshape(k, batch)
+    return lambda: stack.step(x, y, 1.0).tolist()
+
+
+def single_steps(runs: list, batch: int) -> Callable[[], None]:
+    """One step of each run in turn, as ``train_epoch(checks="step")`` takes it."""
+    x, y = runs[0].train_x[:batch], runs[0].train_y[:batch]
+    n = runs[0].train_x.shape[0]
 
     def step() -> None:
-        for model, optimizer in zip(models, optimizers, strict=True):
-            loss = N_TRAIN * F.cross_entropy(model(x), y) + kl_divergence(model)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        for run in runs:
+            terms = elbo_terms(run.model(x), y, run.model, n, 1.0, reduction="mean")
+            _checked_step(run.model, run.optimizer, terms, "bench")
 
     return step
 
@@ -110,18 +98,30 @@ def time_round_robin(steps: dict[str, Callable[[], None]], rounds: int, n: int) 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def step_results(rounds: int, n: int) -> dict:
+def step_results(rounds: int, n: int, device: str, counts: list[int]) -> dict:
     out: dict = {}
-    for k in (4, 8):
+    for model in MODELS:
+        for k in counts:
+            with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+                t = time_round_robin(
+                    {
+                        "replicas": replicas_step(_runs(model, k, device, a), 100),
+                        "single": single_steps(_runs(model, k, device, b), 100),
+                    },
+                    rounds,
+                    n,
+                )
+            out[f"{model} K={k}"] = {
+                "replicas_s": t["replicas"],
+                "single_s": t["single"],
+                "replicas_speedup": t["single"] / t["replicas"],
+                "examples_per_s": 100 * k / t["replicas"],
+            }
+    with tempfile.TemporaryDirectory() as folder:
+        runs = _runs("lenet300_100", 1, device, folder)
         t = time_round_robin(
-            {"stacked": stacked_step(k, 100), "single": single_steps(k, 100)}, rounds, n
+            {"b100": single_steps(runs, 100), "b1000": single_steps(runs, 1000)}, rounds, n
         )
-        out[f"K={k}"] = {
-            "stacked_s": t["stacked"],
-            "single_s": t["single"],
-            "stacked_speedup": t["single"] / t["stacked"],
-        }
-    t = time_round_robin({"b100": single_steps(1, 100), "b1000": single_steps(1, 1000)}, rounds, n)
     per_example = (t["b1000"] - t["b100"]) / 900
     per_weight = t["b100"] - 100 * per_example
     out["cost_model"] = {
@@ -141,22 +141,22 @@ def seeds_results(seeds: int, epochs: int) -> dict | str:
     data = os.environ.get("VBD_DATA_DIR")
     if not data or not Path(data, "mnist", "train-images-idx3-ubyte.gz").is_file():
         return "skipped: MNIST not found under $VBD_DATA_DIR"
-    executors = ["local", "processes"]
+    ways = {"local": {}, "replicas": {"replicas": "on"}, "processes": {"executor": "processes"}}
     try:
         import ray  # noqa: F401
 
-        executors.append("ray")
+        ways["ray"] = {"executor": "ray"}
     except ImportError:
         pass
     walls = {}
-    for executor in executors:
+    for name, options in ways.items():
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
             reproduce(
                 "table4", only="^Ours \\(low.*lenet300_100", seeds=seeds, epochs=epochs,
-                out=out, data_dir=data, progress=False, device="cpu", executor=executor,
+                out=out, data_dir=data, progress=False, device="cpu", replicas="off", **options,
             )  # fmt: skip
-            walls[executor] = time.perf_counter() - start
+            walls[name] = time.perf_counter() - start
     return {
         "cell": f"table4 Ours (low test error) lenet300_100, {epochs} epochs, all 60k examples",
         "seeds": seeds,
@@ -168,17 +168,18 @@ def seeds_results(seeds: int, epochs: int) -> dict | str:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
-        f"Machine: {m['platform']}, {m['threads']} threads, torch {m['torch']}.",
+        f"Machine: {m['platform']}, {m['threads']} threads, torch {m['torch']}, "
+        f"device {m['device']}.",
         "",
-        "| LeNet-300-100 VBD, batch 100 each | K single (fused) s/step | stacked s/step | "
-        "stacked speedup |",
-        "|---|---|---|---|",
+        "| VBD, batch 100 each | K single runs s/step | K replicas s/step | replicas speedup "
+        "| replicas examples/s |",
+        "|---|---|---|---|---|",
     ]
     for key, row in result["step"].items():
-        if key.startswith("K="):
+        if "K=" in key:
             lines.append(
-                f"| {key} | {row['single_s']:.4f} | {row['stacked_s']:.4f} | "
-                f"{row['stacked_speedup']:.2f}× |"
+                f"| {key} | {row['single_s']:.4f} | {row['replicas_s']:.4f} | "
+                f"{row['replicas_speedup']:.2f}× | {row['examples_per_s']:.0f} |"
             )
     c = result["step"]["cost_model"]
     lines += [
@@ -195,7 +196,8 @@ def markdown(result: dict) -> str:
         lines.append(f"Seeds through vbd reproduce: {s}")
     else:
         others = ", ".join(
-            f"--executor {k} {s['wall_s'][k]:.1f} s ({x:.2f}×)"
+            f"{'--replicas on' if k == 'replicas' else '--executor ' + k} {s['wall_s'][k]:.1f} s "
+            f"({x:.2f}×)"
             for k, x in s["speedup_vs_local"].items()
         )
         lines.append(
@@ -211,22 +213,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--replicas", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--skip-seeds", action="store_true", help="only the step timings")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
+    device = resolve_device(args.device)
     result = {
         "machine": {
             "threads": torch.get_num_threads(),
             "platform": platform.platform(),
             "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         },
-        "step": step_results(args.rounds, args.steps),
-        "seeds": seeds_results(args.seeds, args.epochs),
+        "step": step_results(args.rounds, args.steps, args.device, args.replicas),
+        "seeds": "skipped (--skip-seeds)"
+        if args.skip_seeds
+        else seeds_results(args.seeds, args.epochs),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "replicas.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "replicas.md").write_text(markdown(result))
+    name = "replicas" if args.device == "cpu" else f"replicas-{args.device}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown(result))
     print(markdown(result), end="")
 
 
