@@ -154,7 +154,8 @@ def seeds_results(seeds: int, epochs: int) -> dict | str:
             start = time.perf_counter()
             reproduce(
                 "table4", only="^Ours \\(low.*lenet300_100", seeds=seeds, epochs=epochs,
-                out=out, data_dir=data, progress=False, device="cpu", replicas="off", **options,
+                out=out, data_dir=data, progress=False, device="cpu",
+                **{"replicas": "off", **options},
             )  # fmt: skip
             walls[name] = time.perf_counter() - start
     return {

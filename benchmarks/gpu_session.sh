@@ -3,8 +3,10 @@
 # preinstalled, only the repository travels). Before the call, here:
 #     mkdir -p results/gpu-data && cp -r ../shared/datasets/mnist results/gpu-data/
 # then run `bash benchmarks/gpu_session.sh` there with carry ["results/gpu-data"].
-# Brings back 6 files in $OUT: the GPU's name, the check-mode benchmark (json, md), the
-# host syncs of one checks="epoch" epoch, a 5-epoch `vbd train` summary and its metrics.
+# Brings back 10 files in $OUT: the GPU's name, the check-mode benchmark (json, md), the
+# host syncs of one checks="epoch" epoch, a 5-epoch `vbd train` summary and its metrics,
+# the replica step benchmark at K = 1 and 16 (json, md) and a 3-epoch `vbd train
+# --replicas 16` summary and one replica's metrics (epoch seconds: the issue's targets).
 set -euo pipefail
 out=${OUT:?set OUT to the folder that comes back}
 export PYTHONPATH=src VBD_DATA_DIR=${VBD_DATA_DIR:-results/gpu-data}
@@ -36,3 +38,8 @@ PY
 python3 -m vbdropout train --model lenet300_100 --method vbd --dataset mnist --device cuda \
     --epochs 5 --out /tmp/gpu-run --json > "$out/train-lenet300-vbd.json"
 cp /tmp/gpu-run/metrics.jsonl "$out/train-lenet300-vbd-metrics.jsonl"
+python3 benchmarks/bench_replicas.py --device cuda --replicas 1 16 --skip-seeds --rounds 3 \
+    --out "$out"
+python3 -m vbdropout train --model lenet300_100 --method vbd --dataset mnist --device cuda \
+    --epochs 3 --replicas 16 --out /tmp/gpu-replicas --json > "$out/train-replicas16.json"
+cp /tmp/gpu-replicas/seed0/metrics.jsonl "$out/train-replicas16-metrics.jsonl"

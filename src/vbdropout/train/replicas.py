@@ -221,10 +221,10 @@ class ReplicaStack:
         self.optimizer.zero_grad(set_to_none=True)
         out[:, 0].sum().backward()  # the replicas' losses share no parameter
         stacked = list(self.params.values())
-        grads = [_probes(p.grad, len(self.runs)) for p in stacked]
+        grads = [_probes(p.grad, p) for p in stacked]
         self.optimizer.step()
         optimizer_stepped(self.modules)
-        params = [_probes(p, len(self.runs)) for p in stacked]
+        params = [_probes(p, p) for p in stacked]
         columns = [out.detach(), torch.stack(grads, 1), torch.stack(params, 1)]
         if self.variance_modules[0]:
             flags = [[m.variance_overflows() for _, m in named] for named in self.variance_modules]
@@ -260,12 +260,13 @@ class ReplicaStack:
                     }
 
 
-def _probes(t: Tensor | None, replicas: int) -> Tensor:
-    """Per replica (leading dimension of ``t``), the sum of ``t · 0``: 0, or NaN where the
-    replica's slice holds a NaN or inf (zeros for a missing gradient)."""
+def _probes(t: Tensor | None, stacked: Tensor) -> Tensor:
+    """Per replica (leading dimension of the stacked parameter ``stacked``), the sum of
+    ``t · 0``: 0, or NaN where the replica's slice of ``t`` holds a NaN or inf (zeros for
+    a missing gradient, ``t = None``)."""
     if t is None:
-        return torch.zeros(replicas, dtype=torch.float64)
-    return (t.detach() * 0).reshape(replicas, -1).sum(1)
+        return stacked.new_zeros(stacked.shape[0])
+    return (t.detach() * 0).reshape(stacked.shape[0], -1).sum(1)
 
 
 def _finite(value: float) -> bool:
@@ -329,13 +330,13 @@ def _train_group(
     bar = ProgressBar(
         config.epochs * steps, f"{config.model}/{config.method} ×{len(runs)}", enabled=progress
     )
-    start = max(run.start_epoch for run in runs)
+    start, status = max(run.start_epoch for run in runs), ""
     for replica in replicas:  # a kill may have left some checkpoints an epoch behind
         for epoch in range(replica.run.start_epoch, start):
             _train_alone(replica, epoch)
     for epoch in range(start, config.epochs):
         status = _group_epoch([r for r in replicas if r.diverged is None], epoch, bar)
-    bar.close(status if start < config.epochs else "")
+    bar.close(status)
     summaries = []
     for replica in replicas:
         if replica.board is not None:
