@@ -332,3 +332,31 @@ def test_reproduce_refuses_replicas_with_other_executors(tmp_path, shared_data, 
     err = capsys.readouterr().err
     assert "replicas train in one process: use them with the local executor" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_the_replica_step_reads_nothing_back_to_the_host(tmp_path, shared_data, monkeypatch):
+    # the hot path of a GPU run: no .item(), .tolist() or truth value of a tensor in a step
+    reads, inside = [], [False]
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kw):
+            if inside[0]:
+                reads.append(_name)
+            return _original(self, *args, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    step = ReplicaStack.step
+
+    def watched(self, *args):
+        inside[0] = True
+        try:
+            return step(self, *args)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(ReplicaStack, "step", watched)
+    for method in ("vbd", "pruning", "sbp"):
+        base = config(tmp_path / method, shared_data, method=method, epochs=1, train_subset=300)
+        train_replicas(replica_configs(base, 2), progress=False)
+    assert reads == []

@@ -16,9 +16,11 @@ tensors; Adam is elementwise, so that is K independent Adams. Between epochs the
 replicas are ordinary models again: their training events, test, checkpoint and
 metrics are those of a single run (:func:`~.trainer.end_epoch`).
 
-A replica whose loss, KL, gradient or parameters become NaN/inf stops alone: its last
-good checkpoint is kept, its ``summary.json`` says ``diverged`` (and why), and the others
-go on; the command then ends with an error naming it. Killed runs continue with
+The checks of every step (loss, KL, gradients, parameters, σ² overflow; per replica)
+stay on the device and are read once per epoch, so a step needs no host sync. A replica
+whose step failed stops alone at the end of that epoch: its last good checkpoint (of
+the epoch before) is kept, its ``summary.json`` says ``diverged`` (and where and why),
+and the others go on; the command then ends with an error naming it. Killed runs continue with
 ``--resume`` (replicas whose checkpoints lag behind catch up alone first).
 
 Methods whose step is not a pure function of parameters, buffers and batch say why in
@@ -31,7 +33,7 @@ import dataclasses
 import time
 import warnings
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ from ..nn.base import StochasticModule, VariationalModule, optimizer_stepped
 from . import rundir
 from .config import ConfigError, TrainConfig, resolve_config
 from .loop import (
+    REPORT_EVERY,
     DivergenceError,
     _finite_checks,
     _gradient_message,
@@ -69,6 +72,8 @@ from .trainer import (
 
 __all__ = ["ReplicaStack", "replica_configs", "train_replicas"]
 
+# what becomes of a failed replica's steps (in the divergence messages)
+_DISCARDED = "this replica's epoch is discarded"
 # the fields in which the replicas of one group may differ
 _OWN_FIELDS = ("seed", "out")
 
@@ -236,10 +241,10 @@ class ReplicaStack:
         names, p = list(self.params), len(self.params)
         loss, kl = row[0], row[2]
         if not (_finite(loss) and _finite(kl)):
-            return _loss_message(where, loss, kl, "its update was not used")
+            return _loss_message(where, loss, kl, _DISCARDED)
         grads, params, flags = row[4 : 4 + p], row[4 + p : 4 + 2 * p], row[4 + 2 * p :]
         if (bad := _first_failed(grads)) is not None:
-            return _gradient_message(where, names[bad], loss, kl, "its update was not used")
+            return _gradient_message(where, names[bad], loss, kl, _DISCARDED)
         if (bad := _first_failed(params)) is not None:
             return _parameter_message(where, names[bad])
         if (bad := next((i for i, f in enumerate(flags) if f), None)) is not None:
@@ -285,8 +290,6 @@ class _Replica:
     board: Any
     diverged: str | None = None  # why it stopped
     order: Tensor | None = None  # the epoch's order of the training examples
-    totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss·b, nll·b, wrong
-    kl: float = 0.0
 
 
 def train_replicas(
@@ -367,65 +370,58 @@ def _train_alone(replica: _Replica, epoch: int) -> None:
 
 def _group_epoch(active: list[_Replica], epoch: int, bar: ProgressBar) -> str:
     """Train epoch ``epoch`` of the ``active`` replicas together; then test, log and
-    checkpoint each. Returns the progress bar's status line."""
+    checkpoint each that did not diverge. Returns the progress bar's status line.
+
+    The steps' rows (:meth:`ReplicaStack.step`) stay on the device and are read once, at
+    the end of the epoch (and for the progress bar every :data:`~.loop.REPORT_EVERY`
+    steps): no host sync per step. A replica whose step failed goes on computing (NaN
+    stays in its own slices: the replicas share no parameter) until the epoch ends and
+    is then dropped, its checkpoint of the previous epoch kept, so the others' steps are
+    exactly those they would have taken without it.
+    """
     if not active:
         return ""
     run0 = active[0].run
     config, steps, x, y = run0.config, run0.steps, run0.train_x, run0.train_y
     n, batch = x.shape[0], config.batch_size
     for replica in active:
-        replica.totals, replica.kl = [0.0, 0.0, 0.0], 0.0
         gen = replica.run.generator
         replica.order = torch.randperm(n, generator=gen, device=gen.device).to(x.device)
         replica.run.model.train()
     stack = ReplicaStack([r.run for r in active], run0.optimizer.param_groups[0]["lr"])
     started = time.perf_counter()
+    rows: list[Tensor] = []  # per step, one row per replica (on the device)
     beta = 0.0
     for step in range(steps):
         beta = epoch_kl_weight(config, epoch + step / steps)
         index = torch.stack([r.order[step * batch : (step + 1) * batch] for r in active])
-        rows = stack.step(x[index], y[index], beta).tolist()  # the one host read of a step
-        size = index.shape[1]
-        where = f"step {step + 1}/{steps}"
-        failed = []
-        for k, (replica, row) in enumerate(zip(active, rows, strict=True)):
-            why = stack.failure(k, row, where)
-            if why is not None:
-                replica.diverged = str(diverged(replica.run, epoch, DivergenceError(why)))
-                failed.append(replica)
-                continue
-            replica.totals[0] += row[0] * size
-            replica.totals[1] += row[1] * size
-            replica.totals[2] += row[3]
-            replica.kl = row[2]
-        if failed:  # the others go on without them, from this step's update
-            stack.release()
-            active = [r for r in active if r.diverged is None]
-            if not active:
-                bar.update((epoch + 1) * steps, "every replica diverged")
-                return "every replica diverged"
-            stack = ReplicaStack([r.run for r in active], run0.optimizer.param_groups[0]["lr"])
-        seen = (step + 1) * batch if step + 1 < steps else n
-        losses = [r.totals[0] / seen for r in active]
-        bar.update(
-            epoch * steps + step + 1, f"ep {epoch + 1} loss {min(losses):.4f}..{max(losses):.4f}"
-        )
+        rows.append(stack.step(x[index], y[index], beta))
+        if (step + 1) % REPORT_EVERY == 0 or step + 1 == steps:
+            losses = torch.stack([r[:, 0] for r in rows]).mean(0).tolist()
+            low, high = min(losses), max(losses)
+            bar.update(epoch * steps + step + 1, f"ep {epoch + 1} loss {low:.4f}..{high:.4f}")
     stack.release()
     seconds = time.perf_counter() - started
-    status = ""
-    for replica in active:
-        t = replica.totals
+    table = torch.stack(rows, 1).tolist()  # replica × step × row: the epoch's one read
+    sizes = [min(batch, n - s * batch) for s in range(steps)]
+    status, trained = "", len(active)
+    for k, (replica, mine) in enumerate(zip(active, table, strict=True)):
+        failures = (stack.failure(k, row, f"step {s + 1}/{steps}") for s, row in enumerate(mine))
+        why = next((w for w in failures if w is not None), None)
+        if why is not None:
+            replica.diverged = str(diverged(replica.run, epoch, DivergenceError(why)))
+            continue
         stats = {
-            "loss": t[0] / n,
-            "nll": t[1] / n,
-            "kl": replica.kl,
-            "train_error": t[2] / n,
+            "loss": sum(r[0] * b for r, b in zip(mine, sizes, strict=True)) / n,
+            "nll": sum(r[1] * b for r, b in zip(mine, sizes, strict=True)) / n,
+            "kl": mine[-1][2],
+            "train_error": sum(r[3] for r in mine) / n,
             "kl_weight": beta,
             "seconds": seconds,
         }
         with warnings.catch_warnings():  # its optimizer was stepped through the stack
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
-            status = end_epoch(replica.run, epoch, stats, replica.board, len(active))
+            status = end_epoch(replica.run, epoch, stats, replica.board, trained)
     return status
 
 
