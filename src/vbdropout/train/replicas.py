@@ -67,6 +67,7 @@ from .trainer import (
     epoch_kl_weight,
     restore_run,
     run_epoch,
+    run_setup,
     run_summary,
 )
 
@@ -433,17 +434,9 @@ def _replica_summary(replica: _Replica) -> dict[str, Any]:
     run = replica.run
     if replica.diverged is None:
         return run_summary(run)
-    config = run.config
     return {
-        "model": config.model,
-        "method": config.method,
-        "dataset": config.dataset,
-        "epochs": config.epochs,
-        "seed": config.seed,
+        **run_setup(run),
         "diverged": replica.diverged,
         "epochs_done": len(run.history),
         "last_epoch": run.history[-1] if run.history else None,
-        "config": config.to_dict(),
-        "command": run.command,
-        "run_dir": str(run.out),
     }

@@ -397,17 +397,28 @@ def end_epoch(run: Run, epoch: int, stats: dict[str, Any], board: Any, replicas:
     return f"kl {stats['kl']:.3g} test err {test['error']:.4f} sparsity {report.sparsity:.1f}%"
 
 
-def run_summary(run: Run) -> dict[str, Any]:
-    """What ``summary.json`` holds: the final test scores, compression, warnings and setup."""
-    config, device = run.config, run.device
-    last = run.history[-1]  # the last epoch's test scores: the model has not changed since
-    report = compression_report(run.model)
+def run_setup(run: Run) -> dict[str, Any]:
+    """What a run trained, the part of its summary that does not depend on how it went."""
+    config = run.config
     return {
         "model": config.model,
         "method": config.method,
         "dataset": config.dataset,
         "epochs": config.epochs,
         "seed": config.seed,
+        "config": config.to_dict(),
+        "command": run.command,
+        "run_dir": str(run.out),
+    }
+
+
+def run_summary(run: Run) -> dict[str, Any]:
+    """What ``summary.json`` holds: the final test scores, compression, warnings and setup."""
+    device = run.device
+    last = run.history[-1]  # the last epoch's test scores: the model has not changed since
+    report = compression_report(run.model)
+    return {
+        **run_setup(run),
         "device": str(device),
         "cpu_kernels": kernels.status() if device.type == "cpu" else f"unused on {device}",
         "test_error": last["test_error"],
@@ -416,11 +427,8 @@ def run_summary(run: Run) -> dict[str, Any]:
         "train_seconds": run.elapsed,
         "replicas": last.get("replicas", 1),  # trained last as one of this many (1: alone)
         "versions": _versions(),
-        "config": config.to_dict(),
-        "command": run.command,
         "resume_changes": run.resume_changes,
         "final_step_undone": run.undone,
         "warnings": ([run.undone] if run.undone else [])
         + run_warnings(run.history, last["test_error"], run.data.num_classes),
-        "run_dir": str(run.out),
     }
