@@ -133,15 +133,11 @@ class HierarchicalPrior(Prior):
         """Σ ½·log(1 + θ²/σ²) = Σ ½·(log(θ² + σ²) − log σ²), exact (no clip of log α).
 
         With the hand-written gradients of :class:`_HierarchicalKLSum`: about half
-        the elementwise passes over the weights of autograd's version (which runs
-        under ``torch.func`` transforms, e.g. the replicas' ``vmap``).
+        the elementwise passes over the weights of autograd's version.
         """
         if self._kl_overridden(HierarchicalPrior):
             return super()._kl_sum_additive_eager(theta, log_sigma2)
-        if kernels.functorch_active():
-            total = torch.addcmul(log_sigma2.exp(), theta, theta).clamp_min(1e-30)
-            return 0.5 * (total.log().sum() - log_sigma2.sum())
-        return _HierarchicalKLSum.apply(theta, log_sigma2)
+        return _HierarchicalKLSum.apply(theta, log_sigma2)[0]
 
 
 class _HierarchicalKLSum(torch.autograd.Function):
@@ -150,19 +146,28 @@ class _HierarchicalKLSum(torch.autograd.Function):
     Gradients: ∂KL/∂θ = θ/t, ∂KL/∂log σ² = ½·σ²/t − ½ = −½·θ·(θ/t). A floor of
     1e−30 on t keeps the log finite when θ = 0 and σ² underflows; only there (θ = 0
     and log σ² < −69) the value exceeds the true 0 by ½·(−69 − log σ²), while the
-    gradients above stay exact. Differentiable once (no double backward, no
-    ``torch.func`` transforms).
+    gradients above stay exact. Differentiable once (no double backward); ``torch.func``
+    transforms (the replicas' ``vmap``) batch it with the same gradients. Returns the KL
+    and t (not differentiable; kept for the backward pass).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, theta: Tensor, log_sigma2: Tensor) -> Tensor:
+    def forward(theta: Tensor, log_sigma2: Tensor) -> tuple[Tensor, Tensor]:
         total = torch.addcmul(log_sigma2.exp(), theta, theta).clamp_min_(1e-30)
-        ctx.save_for_backward(theta, total)
-        return 0.5 * (total.log().sum() - log_sigma2.sum())
+        return 0.5 * (total.log().sum() - log_sigma2.sum()), total
+
+    @staticmethod
+    def setup_context(
+        ctx: Any, inputs: tuple[Tensor, Tensor], output: tuple[Tensor, Tensor]
+    ) -> None:
+        ctx.save_for_backward(inputs[0], output[1])
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def backward(ctx: Any, grad: Tensor, _: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         theta, total = ctx.saved_tensors
         ratio = torch.div(theta, total)  # θ/t
         grad_theta = ratio * grad if ctx.needs_input_grad[0] else None

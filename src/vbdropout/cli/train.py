@@ -37,7 +37,8 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     saved = Path(args.out) / "config.toml" if args.out else None
     if saved is not None and args.replicas is not None:  # the group's first replica's
-        saved = Path(args.out) / f"seed{given.get('seed', TrainConfig.seed)}" / "config.toml"
+        saved = Path(args.out) / f"seed{given.get('seed', _first_seed(Path(args.out)))}"
+        saved /= "config.toml"
     if args.config:
         config = dataclasses.replace(load_config(args.config), **given)
     elif args.resume and saved is not None and saved.is_file():
@@ -55,6 +56,19 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     _report(summary, args.json)
     return summary
+
+
+def _first_seed(group: Path) -> int:
+    """The smallest seed N of the replica run directories ``group/seedN`` that hold a
+    config (a group resumed without ``--seed``), else the default seed."""
+    from ..train import TrainConfig
+
+    seeds = [
+        int(path.parent.name[4:])
+        for path in group.glob("seed*/config.toml")
+        if path.parent.name[4:].isdigit()
+    ]
+    return min(seeds, default=TrainConfig.seed)
 
 
 def _train_replicas(args: argparse.Namespace, config: Any) -> dict[str, Any]:

@@ -155,8 +155,9 @@ class _CellRunner:
     def _train_replicas(self, row: Row) -> None:
         """Train the unfinished runs of ``row``'s :attr:`replica_seeds` as replicas of one
         batched model (:func:`~vbdropout.train.train_replicas`), when two or more are
-        left and the method can; each cell then finds its run finished. A replica that
-        diverged is left to its cell, which continues it alone."""
+        left and the method can; each cell then finds its run finished. Replicas that
+        diverged are tried again by the next cell of the row: together while two or more
+        are left, else alone by their own cell."""
         from ..train import train_replicas
 
         if method_class(row.method).no_replicas_reason is not None:

@@ -22,8 +22,14 @@ __all__ = [
     "checks_for",
     "defers_checks",
     "evaluate",
+    "finite_checks",
+    "first_failed",
+    "gradient_message",
+    "loss_message",
     "make_adam",
+    "parameter_message",
     "train_epoch",
+    "variance_message",
 ]
 
 
@@ -64,19 +70,19 @@ def _first_nonfinite(named: Iterable[tuple[str, Tensor | None]]) -> str | None:
     return next((name for name, t in items if not bool(torch.isfinite(t).all())), None)
 
 
-def _loss_message(where: str, loss: float, kl: float, unapplied: str) -> str:
+def loss_message(where: str, loss: float, kl: float, unapplied: str) -> str:
     return f"{where}: loss={loss} kl={kl} ({unapplied})"
 
 
-def _gradient_message(where: str, name: str, loss: float, kl: float, unapplied: str) -> str:
+def gradient_message(where: str, name: str, loss: float, kl: float, unapplied: str) -> str:
     return f"{where}: the gradient of {name} is NaN/inf at loss={loss} kl={kl} ({unapplied})"
 
 
-def _parameter_message(where: str, name: str) -> str:
+def parameter_message(where: str, name: str) -> str:
     return f"{where}: parameter {name} became NaN/inf in the update (learning rate too large?)"
 
 
-def _variance_message(where: str, name: str) -> str:
+def variance_message(where: str, name: str) -> str:
     return (
         f"{where}: the update made {name}.sigma2 = exp(log σ²) overflow to inf "
         f"(learning rate too large?)"
@@ -130,24 +136,24 @@ def _checked_step(
     """
     loss, kl = terms.loss.item(), terms.kl.item()
     if not (math.isfinite(loss) and math.isfinite(kl)):
-        raise DivergenceError(_loss_message(where, loss, kl, _NOT_APPLIED))
+        raise DivergenceError(loss_message(where, loss, kl, _NOT_APPLIED))
     optimizer.zero_grad(set_to_none=True)
     terms.loss.backward()
     params = list(model.named_parameters())
     bad = _first_nonfinite((name, p.grad) for name, p in params)
     if bad is not None:
-        raise DivergenceError(_gradient_message(where, bad, loss, kl, _NOT_APPLIED))
+        raise DivergenceError(gradient_message(where, bad, loss, kl, _NOT_APPLIED))
     optimizer.step()
     bad = _first_nonfinite(params)
     if bad is not None:
-        raise DivergenceError(_parameter_message(where, bad))
+        raise DivergenceError(parameter_message(where, bad))
     flagged = _variance_flags(model)
     if flagged:  # finite parameters can still imply σ² = exp(log σ²) = inf
         overflows = torch.stack([flag for _, flag in flagged])
         if bool(overflows.any()):  # one sync
             flags = overflows.tolist()
             bad = next(name for (name, _), flag in zip(flagged, flags, strict=True) if flag)
-            raise DivergenceError(_variance_message(where, bad))
+            raise DivergenceError(variance_message(where, bad))
     return loss, kl
 
 
@@ -234,14 +240,14 @@ class _DeviceEpoch:
             where, (loss, kl) = f"step {index + 1}/{steps}", row[:2]
             grads, params, variances = row[2 : 2 + p], row[4 + p : 4 + 2 * p], row[4 + 2 * p :]
             if not (math.isfinite(loss) and math.isfinite(kl)):
-                raise DivergenceError(_loss_message(where, loss, kl, unapplied))
-            if (bad := _first_failed(grads)) is not None:
+                raise DivergenceError(loss_message(where, loss, kl, unapplied))
+            if (bad := first_failed(grads)) is not None:
                 name = self.params[bad][0]
-                raise DivergenceError(_gradient_message(where, name, loss, kl, unapplied))
-            if (bad := _first_failed(params)) is not None:
-                raise DivergenceError(_parameter_message(where, self.params[bad][0]))
-            if (bad := _first_failed(variances)) is not None:
-                raise DivergenceError(_variance_message(where, self.variance_names[bad]))
+                raise DivergenceError(gradient_message(where, name, loss, kl, unapplied))
+            if (bad := first_failed(params)) is not None:
+                raise DivergenceError(parameter_message(where, self.params[bad][0]))
+            if (bad := first_failed(variances)) is not None:
+                raise DivergenceError(variance_message(where, self.variance_names[bad]))
         seen = sum(self.batches)
         return {
             "loss": sum(r[0] * b for r, b in zip(rows, self.batches, strict=True)) / seen,
@@ -262,7 +268,7 @@ def _stacked(values: list[Tensor]) -> Tensor:
     return torch.stack([v.detach() for v in values]).to(torch.float64)
 
 
-def _first_failed(values: list[float]) -> int | None:
+def first_failed(values: list[float]) -> int | None:
     """The index of the first probe or flag that marks a failure (not 0 or not finite)."""
     return next((i for i, v in enumerate(values) if v != 0 or not math.isfinite(v)), None)
 
@@ -312,7 +318,7 @@ def train_epoch(
     on_device = _DeviceEpoch(model, optimizer, steps, x.device) if checks == "epoch" else None
     totals = [0.0, 0.0, 0.0]  # loss·b, nll·b and wrong predictions (checks="step")
     seen, beta, kl = 0, 0.0, 0.0
-    with _finite_checks(model, enabled=on_device is None):
+    with finite_checks(model, enabled=on_device is None):
         for step, (xb, yb) in enumerate(
             iterate_batches(x, y, batch_size, shuffle=True, generator=generator)
         ):
@@ -351,7 +357,7 @@ def train_epoch(
 
 
 @contextmanager
-def _finite_checks(model: nn.Module, enabled: bool) -> Iterator[None]:
+def finite_checks(model: nn.Module, enabled: bool) -> Iterator[None]:
     """With ``enabled`` False, the stochastic layers' per-call NaN/inf output checks
     (``check_finite``, a host sync each) are off inside; their shape checks stay on."""
     if enabled:

@@ -30,6 +30,8 @@ Methods whose step is not a pure function of parameters, buffers and batch say w
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import time
 import warnings
 from contextlib import ExitStack
@@ -50,12 +52,13 @@ from .config import ConfigError, TrainConfig, resolve_config
 from .loop import (
     REPORT_EVERY,
     DivergenceError,
-    _finite_checks,
-    _gradient_message,
-    _loss_message,
-    _parameter_message,
-    _variance_message,
+    finite_checks,
+    first_failed,
+    gradient_message,
+    loss_message,
     make_adam,
+    parameter_message,
+    variance_message,
 )
 from .progress import ProgressBar
 from .runs import resolve_device, run_data
@@ -69,14 +72,16 @@ from .trainer import (
     run_epoch,
     run_setup,
     run_summary,
+    start_files,
 )
 
 __all__ = ["ReplicaStack", "replica_configs", "train_replicas"]
 
 # what becomes of a failed replica's steps (in the divergence messages)
 _DISCARDED = "this replica's epoch is discarded"
-# the fields in which the replicas of one group may differ
-_OWN_FIELDS = ("seed", "out")
+# the fields in which the replicas of one group may differ (init: each replica may start
+# from its own trained network, e.g. the plain run of its seed)
+_OWN_FIELDS = ("seed", "out", "init")
 
 
 def replica_configs(config: TrainConfig, replicas: int) -> list[TrainConfig]:
@@ -102,7 +107,7 @@ def _check_group(configs: list[TrainConfig]) -> None:
             if f.name not in _OWN_FIELDS and getattr(config, f.name) != getattr(first, f.name)
         ]
         if differ:
-            raise ConfigError(f"replicas must differ only in seed and out, not in {differ}")
+            raise ConfigError(f"replicas must differ only in seed, out and init, not in {differ}")
     outs = [Path(c.out).resolve() for c in configs]
     if len(set(outs)) < len(outs):
         raise ConfigError("replicas need one run directory each; two share one")
@@ -149,7 +154,7 @@ class ReplicaStack:
         }
         self.optimizer = make_adam(self.params.values(), lr)
         self._stack_optimizer_state(named)
-        self.model, self.dataset_size, self.kl_weight = models[0], runs[0].train_x.shape[0], 0.0
+        self.model, self.dataset_size = models[0], runs[0].train_x.shape[0]
         # where each tensor sits in the model: (module, attribute, name), each once
         modules = dict(self.model.named_modules())
         self.slots = [
@@ -174,7 +179,8 @@ class ReplicaStack:
         ]
 
     def _stack_optimizer_state(self, named: list[dict[str, nn.Parameter]]) -> None:
-        """The stacked Adam's state from the runs' optimizers (none before the first step)."""
+        """The stacked Adam's state from the runs' optimizers (none before the first step):
+        the moments stacked, the step count (the same in every replica) once."""
         for name, stacked in self.params.items():
             states = [
                 run.optimizer.state.get(p[name]) for run, p in zip(self.runs, named, strict=True)
@@ -183,14 +189,20 @@ class ReplicaStack:
                 continue
             if not all(states):
                 raise RuntimeError(f"replicas: only some optimizers hold a state for {name}")
+            steps = {float(s["step"]) for s in states}
+            if len(steps) > 1:
+                raise RuntimeError(f"replicas: the optimizers stepped {name} {sorted(steps)} times")
             self.optimizer.state[stacked] = {
-                key: value.clone() if value.dim() == 0 else torch.stack([s[key] for s in states])
+                key: value.clone() if key == "step" else torch.stack([s[key] for s in states])
                 for key, value in states[0].items()
             }
 
-    def _objective(self, batched: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    def _objective(
+        self, batched: dict[str, Tensor], x: Tensor, y: Tensor, kl_weight: float
+    ) -> Tensor:
         """One replica's (under ``vmap``) negative ELBO per example (Eq. 18 over N
-        examples), mean cross-entropy, KL and wrong predictions of its batch."""
+        examples, the KL weighted by ``kl_weight``), mean cross-entropy, KL and wrong
+        predictions of its batch."""
         tensors = {**self.shared, **batched}
         saved = [
             (module, kind, attr, getattr(module, kind)[attr])
@@ -203,7 +215,7 @@ class ReplicaStack:
             getattr(module, kind)[attr] = tensors[name]
         try:
             logits = self.model(x)
-            terms = elbo_terms(logits, y, self.model, self.dataset_size, self.kl_weight, "mean")
+            terms = elbo_terms(logits, y, self.model, self.dataset_size, kl_weight, "mean")
         finally:
             for module, kind, attr, original in saved:
                 getattr(module, kind)[attr] = original
@@ -218,19 +230,19 @@ class ReplicaStack:
         gradient and per parameter after the update (0, or NaN where non-finite), and its
         σ² overflow flags (see :func:`failure`).
         """
-        self.kl_weight = kl_weight
         batched = {**self.params, **self.batched}
-        with _finite_checks(self.model, enabled=False), warnings.catch_warnings():
+        objective = functools.partial(self._objective, kl_weight=kl_weight)
+        with finite_checks(self.model, enabled=False), warnings.catch_warnings():
             # ops without a batching rule (SBP's log_ndtr) run per replica: correct, slower
             warnings.filterwarnings("ignore", "There is a performance drop because we have not")
-            out = vmap(self._objective, randomness="different")(batched, x, y)
+            out = vmap(objective, randomness="different")(batched, x, y)
         self.optimizer.zero_grad(set_to_none=True)
         out[:, 0].sum().backward()  # the replicas' losses share no parameter
         stacked = list(self.params.values())
-        grads = [_probes(p.grad, p) for p in stacked]
+        grads = [_replica_probes(p.grad, p) for p in stacked]
         self.optimizer.step()
         optimizer_stepped(self.modules)
-        params = [_probes(p, p) for p in stacked]
+        params = [_replica_probes(p, p) for p in stacked]
         columns = [out.detach(), torch.stack(grads, 1), torch.stack(params, 1)]
         if self.variance_modules[0]:
             flags = [[m.variance_overflows() for _, m in named] for named in self.variance_modules]
@@ -241,15 +253,15 @@ class ReplicaStack:
         """What went wrong in replica ``k``'s step (its row of :meth:`step`), else None."""
         names, p = list(self.params), len(self.params)
         loss, kl = row[0], row[2]
-        if not (_finite(loss) and _finite(kl)):
-            return _loss_message(where, loss, kl, _DISCARDED)
+        if not (math.isfinite(loss) and math.isfinite(kl)):
+            return loss_message(where, loss, kl, _DISCARDED)
         grads, params, flags = row[4 : 4 + p], row[4 + p : 4 + 2 * p], row[4 + 2 * p :]
-        if (bad := _first_failed(grads)) is not None:
-            return _gradient_message(where, names[bad], loss, kl, _DISCARDED)
-        if (bad := _first_failed(params)) is not None:
-            return _parameter_message(where, names[bad])
-        if (bad := next((i for i, f in enumerate(flags) if f), None)) is not None:
-            return _variance_message(where, self.variance_modules[k][bad][0])
+        if (bad := first_failed(grads)) is not None:
+            return gradient_message(where, names[bad], loss, kl, _DISCARDED)
+        if (bad := first_failed(params)) is not None:
+            return parameter_message(where, names[bad])
+        if (bad := first_failed(flags)) is not None:
+            return variance_message(where, self.variance_modules[k][bad][0])
         return None
 
     def release(self) -> None:
@@ -261,12 +273,12 @@ class ReplicaStack:
                 state = self.optimizer.state.get(self.params[name])
                 if state:
                     run.optimizer.state[p] = {
-                        key: value.clone() if value.dim() == 0 else value[k].clone()
+                        key: value.clone() if key == "step" else value[k].clone()
                         for key, value in state.items()
                     }
 
 
-def _probes(t: Tensor | None, stacked: Tensor) -> Tensor:
+def _replica_probes(t: Tensor | None, stacked: Tensor) -> Tensor:
     """Per replica (leading dimension of the stacked parameter ``stacked``), 0, or NaN where
     the replica's slice of ``t`` holds a NaN or inf (zeros for a missing gradient, ``t =
     None``): max·0 + min·0 of the slice, two reductions (a fourth of the time of
@@ -277,14 +289,6 @@ def _probes(t: Tensor | None, stacked: Tensor) -> Tensor:
     return flat.amax(1) * 0 + flat.amin(1) * 0
 
 
-def _finite(value: float) -> bool:
-    return value - value == 0
-
-
-def _first_failed(values: list[float]) -> int | None:
-    return next((i for i, v in enumerate(values) if not (_finite(v) and v == 0)), None)
-
-
 @dataclass
 class _Replica:
     """One replica of a group: its run and where it stands."""
@@ -292,7 +296,6 @@ class _Replica:
     run: Run
     board: Any
     diverged: str | None = None  # why it stopped
-    order: Tensor | None = None  # the epoch's order of the training examples
 
 
 def train_replicas(
@@ -301,7 +304,8 @@ def train_replicas(
     """Train (or resume) the runs of ``configs`` as replicas of one batched model; returns
     their summaries (as written to each ``summary.json``), in order.
 
-    ``configs`` differ only in ``seed`` and ``out`` (:func:`replica_configs` makes them).
+    ``configs`` differ only in ``seed``, ``out`` and ``init`` (:func:`replica_configs`
+    makes them).
     Raises :class:`~.loop.DivergenceError` after the others finished when a replica
     diverged (its summary says so); ``force`` as for :func:`~.trainer.train`.
     """
@@ -310,6 +314,12 @@ def train_replicas(
     device = resolve_device(configs[0].device)
     torch.set_flush_denormal(True)
     outs = [Path(c.out) for c in configs]
+    for out in outs:  # every refusal before anything is written
+        rundir.check_out(out, force)
+        if (out / "checkpoint.pt").is_file() and not resume:
+            raise ConfigError(
+                f"{out} already holds a run; pass --resume to continue it or choose another --out"
+            )
     for out in outs:
         rundir.prepare_out(out, force)
     with ExitStack() as locks:
@@ -331,10 +341,14 @@ def _train_group(
 ) -> list[dict[str, Any]]:
     data = run_data(configs[0])
     runs = [restore_run(c, device, Path(c.out), resume, data) for c in configs]
+    for run in runs:  # once every checkpoint passed its checks
+        start_files(run)
     replicas = [_Replica(run, rundir.tensorboard(run.out)) for run in runs]
     config, steps = configs[0], runs[0].steps
     bar = ProgressBar(
-        config.epochs * steps, f"{config.model}/{config.method} ×{len(runs)}", enabled=progress
+        config.epochs * steps,
+        f"{config.model}/{config.method} ×{len(runs)}",
+        enabled=None if progress else False,
     )
     start, status = max(run.start_epoch for run in runs), ""
     for replica in replicas:  # a kill may have left some checkpoints an epoch behind
@@ -387,9 +401,10 @@ def _group_epoch(active: list[_Replica], epoch: int, bar: ProgressBar) -> str:
     run0 = active[0].run
     config, steps, x, y = run0.config, run0.steps, run0.train_x, run0.train_y
     n, batch = x.shape[0], config.batch_size
+    orders = []  # each replica's order of the training examples, drawn as a single run draws it
     for replica in active:
         gen = replica.run.generator
-        replica.order = torch.randperm(n, generator=gen, device=gen.device).to(x.device)
+        orders.append(torch.randperm(n, generator=gen, device=gen.device).to(x.device))
         replica.run.model.train()
     stack = ReplicaStack([r.run for r in active], run0.optimizer.param_groups[0]["lr"])
     started = time.perf_counter()
@@ -397,11 +412,12 @@ def _group_epoch(active: list[_Replica], epoch: int, bar: ProgressBar) -> str:
     beta = 0.0
     for step in range(steps):
         beta = epoch_kl_weight(config, epoch + step / steps)
-        index = torch.stack([r.order[step * batch : (step + 1) * batch] for r in active])
+        index = torch.stack([order[step * batch : (step + 1) * batch] for order in orders])
         rows.append(stack.step(x[index], y[index], beta))
-        if (step + 1) % REPORT_EVERY == 0 or step + 1 == steps:
-            losses = torch.stack([r[:, 0] for r in rows]).mean(0).tolist()
-            low, high = min(losses), max(losses)
+        if bar.enabled and ((step + 1) % REPORT_EVERY == 0 or step + 1 == steps):
+            seen = min(n, (step + 1) * batch)
+            losses = (torch.stack([r[:, 0] for r in rows]).sum(0) * batch / seen).tolist()
+            low, high = min(losses), max(losses)  # the last batch may be smaller: about
             bar.update(epoch * steps + step + 1, f"ep {epoch + 1} loss {low:.4f}..{high:.4f}")
     stack.release()
     seconds = time.perf_counter() - started

@@ -31,6 +31,7 @@ __all__ = [
     "RUN_FILES",
     "RUN_MARKER",
     "RunLockedError",
+    "check_out",
     "log_scalars",
     "prepare_out",
     "run_lock",
@@ -162,6 +163,16 @@ def prepare_out(out: Path, force: bool = False) -> None:
         raise ConfigError(
             f"cannot write to output directory {out}: {err.strerror or err}"
         ) from None
+    if check_out(out, force):
+        return
+    atomic_write_bytes(out / RUN_MARKER, b"vbdropout run directory (written by vbd train)\n")
+
+
+def check_out(out: Path, force: bool = False) -> bool:
+    """Refuse ``out`` as :func:`prepare_out` would (writes nothing); whether it is already
+    marked as one of our run directories (or holds a checkpoint)."""
+    if not out.is_dir():
+        return False
     links = [out / name for name in (".lock", RUN_MARKER, *RUN_FILES) if (out / name).is_symlink()]
     if links:
         raise ConfigError(
@@ -169,7 +180,7 @@ def prepare_out(out: Path, force: bool = False) -> None:
             f"(remove the link or choose another --out)"
         )
     if (out / RUN_MARKER).is_file() or (out / "checkpoint.pt").is_file():
-        return  # ours (a checkpoint: a run of an earlier version, or one to be refused)
+        return True  # ours (a checkpoint: a run of an earlier version, or one to be refused)
     foreign = sorted(p.name for p in out.iterdir() if not _in_the_making(p.name))
     if foreign and not force:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
@@ -178,7 +189,7 @@ def prepare_out(out: Path, force: bool = False) -> None:
             f"or new --out, or pass --force to train into it (its {', '.join(RUN_FILES)} "
             f"and .lock would be replaced)"
         )
-    atomic_write_bytes(out / RUN_MARKER, b"vbdropout run directory (written by vbd train)\n")
+    return False
 
 
 def _in_the_making(name: str) -> bool:

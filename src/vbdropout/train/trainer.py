@@ -211,6 +211,7 @@ def _train_locked(
 ) -> dict[str, Any]:
     """Train into ``out`` (held by this process): start or restore, run the epochs, summarize."""
     run = restore_run(config, device, out, resume)
+    start_files(run)
     world = distributed.current()
     bar = ProgressBar(
         config.epochs * run.steps,
@@ -237,8 +238,8 @@ def restore_run(
     config: TrainConfig, device: torch.device, out: Path, resume: bool, data: Dataset | None = None
 ) -> Run:
     """The run of ``config``: built afresh and, when ``out`` holds a checkpoint (and
-    ``resume``), put back into its saved state. Every check on the checkpoint comes before
-    anything in ``out`` is written. ``data``: the config's data set, when already loaded."""
+    ``resume``), put back into its saved state, with every check on the checkpoint; writes
+    nothing (:func:`start_files` does). ``data``: the config's data set, when loaded."""
     path = out / "checkpoint.pt"
     state, changes = None, {}
     if path.exists():
@@ -252,8 +253,6 @@ def restore_run(
     run = _build(config, device, out, initialize=state is None, data=data)
     world = distributed.current()
     if state is None:
-        if world.is_main:
-            atomic_write_bytes(out / "config.toml", to_toml(config).encode())
         return run
     restore_training_state(
         state, path, run.model, run.optimizer, run.scheduler, run.generator, device, world.rank
@@ -265,9 +264,19 @@ def restore_run(
     if changes:
         apply_lr_changes(run.optimizer, run.scheduler, config, run.start_epoch)
         run.resume_changes.append({"epoch": run.start_epoch, "changed": changes})
-    if world.is_main:  # a kill may have landed between checkpoint and metrics
-        rundir.write_metrics(out, run.history)
     return run
+
+
+def start_files(run: Run) -> None:
+    """What a run writes before its first epoch: a fresh run its ``config.toml``, a resumed
+    one the metrics of its checkpoint's history (a kill may have landed between the
+    checkpoint and the metrics)."""
+    if not distributed.current().is_main:
+        return
+    if run.start_epoch == 0:
+        atomic_write_bytes(run.out / "config.toml", to_toml(run.config).encode())
+    else:
+        rundir.write_metrics(run.out, run.history)
 
 
 def _build(
