@@ -415,9 +415,8 @@ def _group_epoch(active: list[_Replica], epoch: int, bar: ProgressBar) -> str:
         index = torch.stack([order[step * batch : (step + 1) * batch] for order in orders])
         rows.append(stack.step(x[index], y[index], beta))
         if bar.enabled and ((step + 1) % REPORT_EVERY == 0 or step + 1 == steps):
-            seen = min(n, (step + 1) * batch)
-            losses = (torch.stack([r[:, 0] for r in rows]).sum(0) * batch / seen).tolist()
-            low, high = min(losses), max(losses)  # the last batch may be smaller: about
+            losses = torch.stack([r[:, 0] for r in rows]).mean(0).tolist()  # per step: shown
+            low, high = min(losses), max(losses)
             bar.update(epoch * steps + step + 1, f"ep {epoch + 1} loss {low:.4f}..{high:.4f}")
     stack.release()
     seconds = time.perf_counter() - started
