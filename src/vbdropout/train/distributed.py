@@ -73,7 +73,10 @@ def all_mean(values: dict[str, float]) -> dict[str, float]:
     world = current()
     if world.size == 1:
         return values
-    tensor = torch.tensor(list(values.values()), dtype=torch.float64)
+    # NCCL reduces only GPU tensors (gloo CPU ones)
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return dict(zip(values, (tensor / world.size).tolist(), strict=True))
 
