@@ -68,6 +68,7 @@ from .trainer import (
     diverged,
     end_epoch,
     epoch_kl_weight,
+    holds_run,
     restore_run,
     run_epoch,
     run_setup,
@@ -316,10 +317,7 @@ def train_replicas(
     outs = [Path(c.out) for c in configs]
     for out in outs:  # every refusal before anything is written
         rundir.check_out(out, force)
-        if (out / "checkpoint.pt").is_file() and not resume:
-            raise ConfigError(
-                f"{out} already holds a run; pass --resume to continue it or choose another --out"
-            )
+        holds_run(out, resume)
     for out in outs:
         rundir.prepare_out(out, force)
     with ExitStack() as locks:

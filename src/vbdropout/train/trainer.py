@@ -242,11 +242,7 @@ def restore_run(
     nothing (:func:`start_files` does). ``data``: the config's data set, when loaded."""
     path = out / "checkpoint.pt"
     state, changes = None, {}
-    if path.exists():
-        if not resume:
-            raise ConfigError(
-                f"{out} already holds a run; pass --resume to continue it or choose another --out"
-            )
+    if holds_run(out, resume):
         state = load_checkpoint(path, required=RESUME_KEYS)
         check_resume_state(state, path)
         changes = check_resumable(state, config, path)
@@ -265,6 +261,17 @@ def restore_run(
         apply_lr_changes(run.optimizer, run.scheduler, config, run.start_epoch)
         run.resume_changes.append({"epoch": run.start_epoch, "changed": changes})
     return run
+
+
+def holds_run(out: Path, resume: bool) -> bool:
+    """Whether ``out`` holds a run's checkpoint; refused unless ``resume``."""
+    if not (out / "checkpoint.pt").exists():
+        return False
+    if not resume:
+        raise ConfigError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    return True
 
 
 def start_files(run: Run) -> None:
