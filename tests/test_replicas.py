@@ -464,3 +464,16 @@ def test_a_group_refused_for_one_replica_writes_into_none(occupant, tmp_path, sh
     )
     assert expected in err and len(err.splitlines()) == 1, err
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # seed0 not made
+
+
+def test_the_replica_probes_mark_only_the_replicas_with_nan_or_inf():
+    from vbdropout.train.replicas import _replica_probes
+
+    stacked = torch.zeros(3, 4, 5)
+    t = torch.full((3, 4, 5), 3e38)  # huge but finite: no overflow into a false alarm
+    t[1, 2, 3], t[2, 0, 0] = float("nan"), -float("inf")
+    probes = _replica_probes(t, stacked)
+    assert probes[0] == 0 and probes[1:].isnan().all()
+    assert _replica_probes(None, stacked).tolist() == [0, 0, 0]  # no gradient
+    empty = torch.zeros(3, 0, 5)  # a layer without weights
+    assert _replica_probes(empty, empty).tolist() == [0, 0, 0]

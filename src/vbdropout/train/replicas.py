@@ -282,9 +282,10 @@ class ReplicaStack:
 def _replica_probes(t: Tensor | None, stacked: Tensor) -> Tensor:
     """Per replica (leading dimension of the stacked parameter ``stacked``), 0, or NaN where
     the replica's slice of ``t`` holds a NaN or inf (zeros for a missing gradient, ``t =
-    None``): max·0 + min·0 of the slice, two reductions (a fourth of the time of
-    Σ t·0, which writes a temporary as large as ``t``), and no overflow from finite values."""
-    if t is None:
+    None``, and for an empty ``t``, which has no max): max·0 + min·0 of the slice, two
+    reductions (a fourth of the time of Σ t·0, which writes a temporary as large as ``t``),
+    and no overflow from finite values."""
+    if t is None or t.numel() == 0:  # no gradient, or a layer without weights: finite
         return stacked.new_zeros(stacked.shape[0])
     flat = t.detach().reshape(stacked.shape[0], -1)
     return flat.amax(1) * 0 + flat.amin(1) * 0
