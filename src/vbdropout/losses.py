@@ -46,12 +46,23 @@ def elbo_terms(
     targets: Tensor,
     model: nn.Module,
     dataset_size: int,
-    kl_weight: float = 1.0,
+    kl_weight: float | Tensor = 1.0,
     reduction: Literal["sum", "mean"] = "sum",
 ) -> ElboTerms:
-    """Like :func:`elbo_loss`, also returning the mean cross-entropy and the KL."""
+    """Like :func:`elbo_loss`, also returning the mean cross-entropy and the KL.
+
+    ``kl_weight`` may also be a 0-dim float tensor (a compiled training step's β, which
+    changes at every step of a KL warm-up without a recompilation); its value is then
+    not checked, since that would read it back to the host.
+    """
     check_dataset_size(dataset_size)
-    if not (isinstance(kl_weight, (int, float)) and math.isfinite(kl_weight) and kl_weight >= 0):
+    if isinstance(kl_weight, Tensor):
+        if kl_weight.dim() != 0 or not kl_weight.is_floating_point():
+            raise ValueError(
+                f"a tensor kl_weight must be a 0-dim float tensor, got shape "
+                f"{tuple(kl_weight.shape)} and dtype {kl_weight.dtype}"
+            )
+    elif not (isinstance(kl_weight, (int, float)) and math.isfinite(kl_weight) and kl_weight >= 0):
         raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")

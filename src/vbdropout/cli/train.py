@@ -224,6 +224,12 @@ def add_train_parser(sub: Any) -> None:
         help="where to train (default auto: cuda if any)",
     )
     run.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        help="run the training step as a torch.compile graph (CUDA graphs on a GPU), "
+        "training eagerly if compilation fails (default auto: on with --device cuda)",
+    )
+    run.add_argument(
         "--replicas",
         type=positive_int,
         metavar="K",

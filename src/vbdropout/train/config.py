@@ -53,6 +53,7 @@ class TrainConfig:
     kl_scale: float = 1.0  # the objective N·E[CE] + kl_scale·β·KL; 1 is the ELBO
     seed: int = 0
     device: str = "auto"
+    compile: str = "auto"  # the training step compiled: on, off, auto = on a GPU only
     data_dir: str | None = None
     train_subset: int | None = None
     log_alpha_threshold: float = LOG_ALPHA_THRESHOLD  # weight layers: prune when log α > this
@@ -169,6 +170,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     _check(
         config.device in ("auto", "cpu", "cuda"),
         f"device must be auto, cpu or cuda, got {config.device!r}",
+    )
+    _check(
+        config.compile in ("auto", "on", "off"),
+        f"compile must be auto, on or off, got {config.compile!r}",
     )
     _check(
         config.input_scaling in INPUT_SCALINGS,

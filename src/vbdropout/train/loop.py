@@ -18,6 +18,7 @@ from ..nn.base import StochasticModule, VariationalModule, mc_sampling
 
 __all__ = [
     "REPORT_EVERY",
+    "BatchObjective",
     "DivergenceError",
     "checks_for",
     "defers_checks",
@@ -102,8 +103,42 @@ def _variance_flags(model: nn.Module) -> list[tuple[str, Tensor]]:
     ]
 
 
-def _checked_forward(model: nn.Module, x: Tensor, where: str) -> Tensor:
-    """``model(x)``, with a layer's refusal of NaN/inf activations reported as divergence.
+class BatchObjective:
+    """The training objective of ``model`` on a batch: (x, y, β) ↦ its :class:`ElboTerms`
+    (the negative ELBO per example, Eq. 18 over the ``dataset_size`` examples with the KL
+    weighted by β) and the number of wrong predictions, a 0-dim tensor.
+
+    Run eagerly; :class:`~vbdropout.train.compiled.CompiledObjective` runs it compiled.
+    """
+
+    def __init__(self, model: nn.Module, dataset_size: int) -> None:
+        self.model, self.dataset_size = model, dataset_size
+
+    @property
+    def compiled(self) -> bool:
+        """Whether calls run a compiled graph (in which the layers' own checks are off)."""
+        return False
+
+    @property
+    def status(self) -> str:
+        """How the objective runs, for a run's summary."""
+        return "eager"
+
+    def __call__(self, x: Tensor, y: Tensor, kl_weight: float) -> tuple[ElboTerms, Tensor]:
+        return self.terms(x, y, kl_weight)
+
+    def terms(self, x: Tensor, y: Tensor, kl_weight: float | Tensor) -> tuple[ElboTerms, Tensor]:
+        """The objective's terms and the wrong predictions, computed eagerly."""
+        logits = self.model(x)
+        terms = elbo_terms(logits, y, self.model, self.dataset_size, kl_weight, "mean")
+        return terms, (logits.argmax(1) != y).sum()
+
+
+def _checked_terms(
+    objective: BatchObjective, x: Tensor, y: Tensor, kl_weight: float, where: str
+) -> tuple[ElboTerms, Tensor]:
+    """``objective(x, y, kl_weight)``, with a layer's refusal of NaN/inf activations
+    reported as divergence.
 
     Finite inputs and finite parameters can still overflow the activations (e.g.
     after a too large learning rate). The Gaussian layers then raise a
@@ -112,7 +147,7 @@ def _checked_forward(model: nn.Module, x: Tensor, where: str) -> Tensor:
     for finite ``x`` both are divergence. A non-finite ``x`` stays a ``ValueError``.
     """
     try:
-        return model(x)
+        return objective(x, y, kl_weight)
     except (FloatingPointError, ValueError) as err:
         if isinstance(err, ValueError) and "NaN or inf" not in str(err):
             raise
@@ -201,9 +236,10 @@ class _DeviceEpoch:
         self.rows = torch.zeros(steps, width, dtype=torch.float64, device=device)
         self.skip = torch.zeros((), dtype=torch.float32, device=device)  # found_inf
 
-    def step(self, index: int, logits: Tensor, targets: Tensor, terms: ElboTerms) -> None:
-        """Backward pass and fused Adam step ``index`` (skipped once anything failed)."""
-        self.batches.append(targets.shape[0])
+    def step(self, index: int, terms: ElboTerms, wrong: Tensor, batch: int) -> None:
+        """Backward pass and fused Adam step ``index`` of a batch of ``batch`` examples with
+        ``wrong`` wrong predictions (skipped once anything failed)."""
+        self.batches.append(batch)
         self.optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         grads = _probes((p.grad for _, p in self.params), terms.loss)
@@ -215,7 +251,6 @@ class _DeviceEpoch:
             self.optimizer.step()
         finally:
             del self.optimizer.found_inf  # type: ignore[attr-defined]
-        wrong = (logits.argmax(1) != targets).sum()
         params = _probes((p for _, p in self.params), terms.loss)
         flags = [flag for _, flag in _variance_flags(self.model)]
         self.rows[index].copy_(torch.cat([before, _stacked([terms.nll, wrong, *params, *flags])]))
@@ -288,6 +323,7 @@ def train_epoch(
     on_batch: Callable[[int, dict[str, float]], None] | None = None,
     shard: tuple[int, int] = (0, 1),
     checks: Literal["step", "epoch"] = "step",
+    objective: BatchObjective | None = None,
 ) -> dict[str, float]:
     """One pass over (x, y) in shuffled minibatches minimizing the per-example negative ELBO.
 
@@ -307,6 +343,11 @@ def train_epoch(
     ``found_inf``), and the layers' own per-call NaN/inf output checks are off for the
     epoch, so a NaN input is reported as divergence there. It needs a fused Adam
     (:func:`defers_checks`).
+
+    ``objective``: the batch objective of ``model`` on the ``x.shape[0]`` examples (default:
+    the eager :class:`BatchObjective`); a compiled one turns the layers' own per-call
+    checks off, as ``checks="epoch"`` does (they would read back to the host inside the
+    graph), so that a non-finite forward pass is caught by the loss's check.
     """
     if checks not in ("step", "epoch"):
         raise ValueError(f"checks must be 'step' or 'epoch', got {checks!r}")
@@ -314,11 +355,12 @@ def train_epoch(
     model.train()
     start = time.perf_counter()
     n = x.shape[0]
+    objective = BatchObjective(model, n) if objective is None else objective
     steps = -(-n // batch_size)
     on_device = _DeviceEpoch(model, optimizer, steps, x.device) if checks == "epoch" else None
     totals = [0.0, 0.0, 0.0]  # loss·b, nll·b and wrong predictions (checks="step")
     seen, beta, kl = 0, 0.0, 0.0
-    with finite_checks(model, enabled=on_device is None):
+    with finite_checks(model, enabled=on_device is None and not objective.compiled):
         for step, (xb, yb) in enumerate(
             iterate_batches(x, y, batch_size, shuffle=True, generator=generator)
         ):
@@ -328,18 +370,16 @@ def train_epoch(
             beta = kl_weight(step / steps) if callable(kl_weight) else kl_weight
             seen += yb.shape[0]
             if on_device is not None:
-                logits = model(xb)
-                terms = elbo_terms(logits, yb, model, n, beta, reduction="mean")
-                on_device.step(step, logits, yb, terms)
+                terms, wrong = objective(xb, yb, beta)
+                on_device.step(step, terms, wrong, yb.shape[0])
                 if on_batch is not None and (step + 1) % REPORT_EVERY == 0:
                     on_batch(step + 1, on_device.running(step + 1))
                 continue
-            logits = _checked_forward(model, xb, where)
-            terms = elbo_terms(logits, yb, model, n, beta, reduction="mean")
+            terms, wrong = _checked_terms(objective, xb, yb, beta, where)
             loss, kl = _checked_step(model, optimizer, terms, where)
             totals[0] += loss * yb.shape[0]
             totals[1] += terms.nll.item() * yb.shape[0]
-            totals[2] += (logits.argmax(1) != yb).sum().item()
+            totals[2] += wrong.item()
             if on_batch is not None:
                 on_batch(step + 1, {"loss": totals[0] / seen, "error": totals[2] / seen})
     if on_device is not None:

@@ -48,6 +48,7 @@ from ..losses import elbo_terms
 from ..models.methods import method_class
 from ..nn.base import StochasticModule, VariationalModule, optimizer_stepped
 from . import rundir
+from .compiled import CompiledStep, uses_compile
 from .config import ConfigError, TrainConfig, resolve_config
 from .loop import (
     REPORT_EVERY,
@@ -129,7 +130,7 @@ class ReplicaStack:
     gives the models their own copies back and their optimizers the stacked state.
     """
 
-    def __init__(self, runs: list[Run], lr: float) -> None:
+    def __init__(self, runs: list[Run], lr: float, compile: bool = False) -> None:
         self.runs = runs
         models = [run.model for run in runs]
         named = [dict(model.named_parameters()) for model in models]
@@ -178,6 +179,17 @@ class ReplicaStack:
             ]
             for model in models
         ]
+        tensors = [*self.params.values(), *self.batched.values(), *self.shared.values()]
+        self.compiled_step = (
+            CompiledStep(self._batched_terms, lambda out: out[:, 0].sum(), tensors, runs[0].device)
+            if compile
+            else None
+        )
+
+    @property
+    def status(self) -> str:
+        """How the steps ran: compiled, eager, or eager after a failed compilation."""
+        return "eager" if self.compiled_step is None else self.compiled_step.status
 
     def _stack_optimizer_state(self, named: list[dict[str, nn.Parameter]]) -> None:
         """The stacked Adam's state from the runs' optimizers (none before the first step):
@@ -199,7 +211,7 @@ class ReplicaStack:
             }
 
     def _objective(
-        self, batched: dict[str, Tensor], x: Tensor, y: Tensor, kl_weight: float
+        self, batched: dict[str, Tensor], x: Tensor, y: Tensor, kl_weight: float | Tensor
     ) -> Tensor:
         """One replica's (under ``vmap``) negative ELBO per example (Eq. 18 over N
         examples, the KL weighted by ``kl_weight``), mean cross-entropy, KL and wrong
@@ -223,6 +235,13 @@ class ReplicaStack:
         wrong = (logits.argmax(1) != y).sum().to(terms.loss.dtype)
         return torch.stack([terms.loss, terms.nll, terms.kl, wrong])
 
+    def _batched_terms(
+        self, batched: dict[str, Tensor], x: Tensor, y: Tensor, kl_weight: float | Tensor
+    ) -> Tensor:
+        """Every replica's :meth:`_objective`, one row each."""
+        objective = functools.partial(self._objective, kl_weight=kl_weight)
+        return vmap(objective, randomness="different")(batched, x, y)
+
     def step(self, x: Tensor, y: Tensor, kl_weight: float) -> Tensor:
         """One training step of every replica on its batch (``x``: (K, B, ...), ``y``: (K, B)).
 
@@ -232,11 +251,13 @@ class ReplicaStack:
         σ² overflow flags (see :func:`failure`).
         """
         batched = {**self.params, **self.batched}
-        objective = functools.partial(self._objective, kl_weight=kl_weight)
         with finite_checks(self.model, enabled=False), warnings.catch_warnings():
             # ops without a batching rule (SBP's log_ndtr) run per replica: correct, slower
             warnings.filterwarnings("ignore", "There is a performance drop because we have not")
-            out = vmap(objective, randomness="different")(batched, x, y)
+            if self.compiled_step is None:
+                out = self._batched_terms(batched, x, y, kl_weight)
+            else:
+                out = self.compiled_step(batched, x, y, kl_weight=kl_weight)
         self.optimizer.zero_grad(set_to_none=True)
         out[:, 0].sum().backward()  # the replicas' losses share no parameter
         stacked = list(self.params.values())
@@ -353,14 +374,18 @@ def _train_group(
     for replica in replicas:  # a kill may have left some checkpoints an epoch behind
         for epoch in range(replica.run.start_epoch, start):
             _train_alone(replica, epoch)
+    compile, step = uses_compile(config.compile, device), runs[0].objective.status
     for epoch in range(start, config.epochs):
-        status = _group_epoch([r for r in replicas if r.diverged is None], epoch, bar)
+        active = [r for r in replicas if r.diverged is None]
+        status, ran = _group_epoch(active, epoch, bar, compile)
+        if compile:  # a compilation that failed is not tried again, and its reason kept
+            step, compile = ran, not ran.startswith("eager")
     bar.close(status)
     summaries = []
     for replica in replicas:
         if replica.board is not None:
             replica.board.close()
-        summary = _replica_summary(replica)
+        summary = _replica_summary(replica, step)
         atomic_write_json(replica.run.out / "summary.json", summary)
         summaries.append(summary)
     failed = [r for r in replicas if r.diverged is not None]
@@ -384,9 +409,12 @@ def _train_alone(replica: _Replica, epoch: int) -> None:
         replica.diverged = str(err)
 
 
-def _group_epoch(active: list[_Replica], epoch: int, bar: ProgressBar) -> str:
-    """Train epoch ``epoch`` of the ``active`` replicas together; then test, log and
-    checkpoint each that did not diverge. Returns the progress bar's status line.
+def _group_epoch(
+    active: list[_Replica], epoch: int, bar: ProgressBar, compile: bool
+) -> tuple[str, str]:
+    """Train epoch ``epoch`` of the ``active`` replicas together (their step compiled if
+    ``compile``); then test, log and checkpoint each that did not diverge. Returns the
+    progress bar's status line and how the steps ran (:attr:`ReplicaStack.status`).
 
     The steps' rows (:meth:`ReplicaStack.step`) stay on the device and are read once, at
     the end of the epoch (and for the progress bar every :data:`~.loop.REPORT_EVERY`
@@ -396,7 +424,7 @@ def _group_epoch(active: list[_Replica], epoch: int, bar: ProgressBar) -> str:
     exactly those they would have taken without it.
     """
     if not active:
-        return ""
+        return "", "eager"
     run0 = active[0].run
     config, steps, x, y = run0.config, run0.steps, run0.train_x, run0.train_y
     n, batch = x.shape[0], config.batch_size
@@ -405,7 +433,8 @@ def _group_epoch(active: list[_Replica], epoch: int, bar: ProgressBar) -> str:
         gen = replica.run.generator
         orders.append(torch.randperm(n, generator=gen, device=gen.device).to(x.device))
         replica.run.model.train()
-    stack = ReplicaStack([r.run for r in active], run0.optimizer.param_groups[0]["lr"])
+    lr = run0.optimizer.param_groups[0]["lr"]
+    stack = ReplicaStack([r.run for r in active], lr, compile)
     started = time.perf_counter()
     rows: list[Tensor] = []  # per step, one row per replica (on the device)
     beta = 0.0
@@ -439,15 +468,16 @@ def _group_epoch(active: list[_Replica], epoch: int, bar: ProgressBar) -> str:
         with warnings.catch_warnings():  # its optimizer was stepped through the stack
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
             status = end_epoch(replica.run, epoch, stats, replica.board, trained)
-    return status
+    return status, stack.status
 
 
-def _replica_summary(replica: _Replica) -> dict[str, Any]:
-    """The summary of one replica: a single run's; for a replica that diverged, its setup,
-    its last good epoch's scores and why it stopped."""
+def _replica_summary(replica: _Replica, step: str) -> dict[str, Any]:
+    """The summary of one replica: a single run's, saying how the group's last steps ran
+    (``step``); for a replica that diverged, its setup, its last good epoch's scores and
+    why it stopped."""
     run = replica.run
     if replica.diverged is None:
-        return run_summary(run)
+        return {**run_summary(run), "step": step}
     return {
         **run_setup(run),
         "diverged": replica.diverged,

@@ -34,8 +34,9 @@ __all__ = [
     "saved_config",
 ]
 
-# Config fields that may differ when a run is resumed (they do not change its results).
-_RESUMABLE = {"out", "device", "data_dir"}
+# Config fields that may differ when a run is resumed (they change where and how it
+# computes, not what it trains).
+_RESUMABLE = {"out", "device", "compile", "data_dir"}
 # Settings a resumed run may change (continue a diverged run with a smaller lr, train
 # longer); each change is recorded in the checkpoint's and the summary's "resume_changes".
 CHANGEABLE_ON_RESUME = ("lr", "epochs", "lr_decay_start")

@@ -47,8 +47,9 @@ from ..models.methods import Method
 from ..nn.base import attach_optimizer
 from . import distributed, rundir
 from .checks import final_epoch_end, run_warnings
+from .compiled import CompiledObjective, uses_compile
 from .config import ConfigError, TrainConfig, resolve_config, to_toml
-from .loop import DivergenceError, checks_for, evaluate, make_adam, train_epoch
+from .loop import BatchObjective, DivergenceError, checks_for, evaluate, make_adam, train_epoch
 from .progress import ProgressBar
 from .runs import build_run_model, resolve_device, run_data, run_method, to_run_device
 from .schedules import kl_weight, lr_factor
@@ -171,11 +172,18 @@ class Run:
     train_y: torch.Tensor = field(init=False)
     test_x: torch.Tensor = field(init=False)
     test_y: torch.Tensor = field(init=False)
+    objective: BatchObjective = field(init=False)  # of the trained model, compiled or not
 
     def __post_init__(self) -> None:
         data, device = self.data, self.device
         self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
         self.test_x, self.test_y = data.test_x.to(device), data.test_y.to(device)
+        n = self.train_x.shape[0]
+        self.objective = (
+            CompiledObjective(self.trained, n, device)
+            if uses_compile(self.config.compile, device)
+            else BatchObjective(self.trained, n)
+        )
 
     @property
     def steps(self) -> int:
@@ -347,6 +355,7 @@ def run_epoch(run: Run, epoch: int, bar: ProgressBar, board: Any, status: str) -
             on_batch=on_batch,
             shard=(world.rank, world.size),
             checks=checks_for(run.device, run.optimizer),
+            objective=run.objective,
         )
     except DivergenceError as err:
         bar.close()
@@ -437,6 +446,7 @@ def run_summary(run: Run) -> dict[str, Any]:
         **run_setup(run),
         "device": str(device),
         "cpu_kernels": kernels.status() if device.type == "cpu" else f"unused on {device}",
+        "step": run.objective.status,  # how the training step ran: compiled or eager
         "test_error": last["test_error"],
         "test_nll": last["test_nll"],
         "compression": report.to_dict(),
