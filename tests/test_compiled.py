@@ -303,3 +303,19 @@ def test_failed_compilation_of_replicas_falls_back_once(tmp_path, shared_data, m
     for a, b in zip(fell, eager, strict=True):
         assert a["step"].startswith("eager: torch.compile failed (RuntimeError: no working C++")
         assert_same_model(Path(a["run_dir"]), Path(b["run_dir"]), atol=0)
+
+
+def test_reproduce_passes_compile_to_its_cells(tmp_path, shared_data, capsys):
+    out = tmp_path / "out"
+    status = main([
+        "reproduce", "table4", "--only", "^Original .*lenet300", "--epochs", "1",
+        "--train-subset", "600", "--data-dir", str(shared_data), "--device", "cpu",
+        "--compile", "on", "--out", str(out), "--json",
+    ])  # fmt: skip
+    assert status == 0
+    capsys.readouterr()
+    (path,) = out.glob("table4-*/cells/*/seed0.json")
+    cell = json.loads(path.read_text())
+    assert cell["step"] == "compiled (torch.compile, mode default)"
+    config = (Path(cell["run_dir"]) / "config.toml").read_text()
+    assert 'compile = "on"' in config

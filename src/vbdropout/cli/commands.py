@@ -291,6 +291,12 @@ def add_reproduce_parser(sub: Any) -> None:
         "are faster (default auto)",
     )
     repro.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="run the cells' training steps as torch.compile graphs (default auto: on a GPU)",
+    )
+    repro.add_argument(
         "--address",
         help="the Ray cluster's HOST:PORT for --executor ray (default: $RAY_ADDRESS, else a "
         "local Ray instance on this machine's cores)",
@@ -319,6 +325,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> dict[str, Any]:
         address=args.address,
         workers=args.workers,
         replicas=args.replicas,
+        compile=args.compile,
     )
     if not args.json:
         print(Path(result["markdown"]).read_text(), end="")

@@ -54,6 +54,7 @@ def cell_config(
     base: Path,
     device: str = "auto",
     data_dir: str | None = None,
+    compile: str = "auto",
 ) -> TrainConfig:
     """The training config of one cell under ``budget`` (its run directory under ``base``).
 
@@ -75,6 +76,7 @@ def cell_config(
         train_subset=b.train_subset,
         seed=seed,
         device=device,
+        compile=compile,
         data_dir=data_dir,
         network=dict(row.network),
         init=init,
@@ -94,6 +96,12 @@ class _CellRunner:
     progress: bool
     command: str  # the command that asked for the cell, recorded in it
     replica_seeds: tuple[int, ...] = ()  # trained together where the method can (--replicas)
+    compile: str = "auto"  # the training step compiled (TrainConfig.compile)
+
+    def _config(self, row: Row, seed: int) -> TrainConfig:
+        return cell_config(
+            row, self.table, self.budget, seed, self.base, self.device, self.data_dir, self.compile
+        )
 
     def __call__(self, job: CellJob) -> dict[str, Any]:
         cell = self._compute(job.row, job.seed)
@@ -107,9 +115,7 @@ class _CellRunner:
         from ..train.trainer import train
 
         b = self.table.budgets[self.budget]
-        config = cell_config(
-            row, self.table, self.budget, seed, self.base, self.device, self.data_dir
-        )
+        config = self._config(row, seed)
         run_dir = Path(config.out)
         start = time.perf_counter()
         if row.evaluate_run_of is None:
@@ -144,6 +150,7 @@ class _CellRunner:
             "compression": summary["compression"],
             "neurons_per_layer": neurons,
             "device": summary["device"],
+            "step": summary.get("step", "eager"),  # compiled or eager (TrainConfig.compile)
             "wall_seconds": time.perf_counter() - start,
             "train_seconds": summary["train_seconds"],
             "replicas": summary.get("replicas", 1),  # trained as one of this many
@@ -162,10 +169,7 @@ class _CellRunner:
 
         if method_class(row.method).no_replicas_reason is not None:
             return
-        configs = [
-            cell_config(row, self.table, self.budget, s, self.base, self.device, self.data_dir)
-            for s in self.replica_seeds
-        ]
+        configs = [self._config(row, s) for s in self.replica_seeds]
         left = [c for c in configs if not _finished(Path(c.out))]
         if len(left) < 2:
             return
@@ -212,6 +216,7 @@ def reproduce(
     address: str | None = None,
     workers: int | None = None,
     replicas: str = "auto",
+    compile: str = "auto",
 ) -> dict[str, Any]:
     """Run every (matching) cell of ``table`` and write its markdown and plots.
 
@@ -232,6 +237,8 @@ def reproduce(
     executor only), ``"off"`` one run after another, ``"auto"`` (default) on where the
     cells train on a GPU: on a CPU replicas are slower than single runs with the fused
     kernels (docs/PERFORMANCE.md).
+    ``compile``: the cells' :attr:`~vbdropout.train.TrainConfig.compile` (``"auto"``: their
+    training steps compiled on a GPU).
     """
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; known: {', '.join(TABLES)}")
@@ -298,6 +305,7 @@ def reproduce(
         bars,
         " ".join(sys.argv),
         tuple(seed_list) if together else (),
+        compile,
     )
     computed = iter(run_jobs(jobs, runner, executor, address, progress, workers))
     cells = [cell if cell is not None else next(computed) for cell in slots]
