@@ -69,3 +69,16 @@ def test_a_killed_two_process_run_resumes(tmp_path, shared_data):
     assert rows == [1, 2, 3, 4] and summary["epochs"] == 4
     with pytest.raises(AssertionError, match="config differs"):
         run(cli(out, shared_data, "--resume", "--nproc", "1"))  # nor with another world size
+
+
+def test_two_compiled_processes_match_one_eager_process_without_noise(tmp_path, shared_data):
+    """Each worker compiles its objective around the DistributedDataParallel model (the
+    trial's backward all-reduces in both workers alike): ``none`` trains as in one process."""
+    args = ("--method", "none", "--epochs", "2")
+    one = run(cli(tmp_path / "one", shared_data, *args, "--compile", "off"))
+    two = run(cli(tmp_path / "two", shared_data, *args, "--compile", "on", "--nproc", "2"))
+    assert two["step"] == "compiled (torch.compile, mode default)" and one["step"] == "eager"
+    assert two["test_error"] == pytest.approx(one["test_error"], abs=2 / 10_000)
+    a, b = load_checkpoint(tmp_path / "one")["model"], load_checkpoint(tmp_path / "two")["model"]
+    for key in a:  # Adam's lr-sized rounding moves (see tests/test_compiled.py)
+        assert (a[key] - b[key]).abs().max() < 2e-3, key
