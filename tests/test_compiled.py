@@ -102,7 +102,8 @@ def test_a_run_may_change_compile_on_resume(tmp_path, shared_data):
 
 
 def failing_compile(stage):
-    """A stand-in for torch.compile whose graphs fail in the forward or backward pass."""
+    """A stand-in for torch.compile whose graphs fail in the forward or backward pass, or
+    in the forward pass from the ninth call on ("later")."""
 
     class BackwardFails(torch.autograd.Function):
         @staticmethod
@@ -114,8 +115,11 @@ def failing_compile(stage):
             raise RuntimeError("backward graph failed to compile")
 
     def compile_(fn, **kwargs):
+        calls = []
+
         def graph(*inputs):
-            if stage == "forward":
+            calls.append(1)
+            if stage == "forward" or (stage == "later" and len(calls) > 8):
                 raise RuntimeError("no working C++ compiler\nsecond line")
             terms, wrong = fn(*inputs)  # a single run's objective
             return terms._replace(loss=BackwardFails.apply(terms.loss)), wrong
@@ -125,13 +129,14 @@ def failing_compile(stage):
     return compile_
 
 
-@pytest.mark.parametrize("stage", ["forward", "backward"])
+@pytest.mark.parametrize("stage", ["forward", "backward", "later"])
 def test_failed_compilation_trains_eagerly_as_if_never_compiled(
     tmp_path, shared_data, monkeypatch, stage
 ):
-    """A graph that fails (forward or, first at the backward pass, backward) makes the run
-    eager with one warning; the failed trial leaves no trace: the run equals an eager one
-    (VBD, so that the random state counts)."""
+    """A graph that fails (forward or, first at the backward pass, backward; or at a later
+    step, as a recompilation would) makes the run eager with one warning; a failed trial
+    leaves no trace: the run equals an eager one (VBD, so that the random state counts;
+    the stand-in graphs compute what the eager objective computes)."""
     eager = train(config(tmp_path / "eager", shared_data, method="vbd", compile="off"))
     monkeypatch.setattr(compiled_module.torch, "compile", failing_compile(stage))
     with pytest.warns(RuntimeWarning, match="torch.compile failed, training eagerly") as caught:

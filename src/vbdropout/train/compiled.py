@@ -56,8 +56,11 @@ class CompiledStep:
     the last one). The first call for each input shape is a trial: the graph's forward
     pass and, through ``loss(output)``, its backward pass (compiled at its first call),
     after which the random state, the values of ``tensors`` and the gradients of its
-    leaves are put back. When the trial raises and ``fn`` run eagerly does not, the
-    compilation failed: every later call runs ``fn`` eagerly, with one warning.
+    leaves are put back. When the trial, or the forward pass of a later call (which may
+    recompile after a training event changed a guarded attribute), raises and ``fn`` run
+    eagerly does not, the compilation failed: that call and every later one run ``fn``
+    eagerly, with one warning. (A backward graph that fails to compile after the trial,
+    i.e. only for a recompiled forward graph, fails the run.)
     """
 
     def __init__(
@@ -82,17 +85,17 @@ class CompiledStep:
             return self.fn(*inputs, kl_weight)
         self._kl_weight.fill_(kl_weight)
         shapes = tuple(tuple(t.shape) for t in _tensors(inputs))
-        if shapes not in self._tried:
-            try:
+        try:
+            if shapes not in self._tried:
                 self._trial(inputs)
-            except Exception as err:  # a user's error raises again, eagerly, just below
-                result = self.fn(*inputs, kl_weight)
-                self._fall_back(err)
-                return result
-            self._tried.add(shapes)
-        if self.mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are done
-        return self._graph(*inputs, self._kl_weight)
+                self._tried.add(shapes)
+            if self.mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are done
+            return self._graph(*inputs, self._kl_weight)
+        except Exception as err:  # also a recompilation after a training event changed a guard
+            result = self.fn(*inputs, kl_weight)  # a user's error raises again, eagerly
+            self._fall_back(err)
+            return result
 
     def _trial(self, inputs: tuple[Any, ...]) -> None:
         """A compiled forward and backward pass on ``inputs`` that leaves no trace."""
