@@ -33,7 +33,7 @@ from vbdropout import kernels
 from vbdropout.data import load_dataset
 from vbdropout.models import build_model
 from vbdropout.train import TrainConfig, replica_configs, resolve_config
-from vbdropout.train.compiled import CompiledObjective
+from vbdropout.train.compiled import CompiledObjective, CompiledStep, compile_mode
 from vbdropout.train.loop import BatchObjective, checks_for, finite_checks, make_adam, train_epoch
 from vbdropout.train.replicas import ReplicaStack
 from vbdropout.train.runs import resolve_device, run_data, to_run_device
@@ -105,7 +105,13 @@ def replica_steps(
                 Path(config.out).mkdir(parents=True, exist_ok=True)
                 runs.append(restore_run(config, device, Path(config.out), False, data))
                 runs[-1].model.train()
-            stacks[mode] = ReplicaStack(runs, 1e-3, compile=mode == "compiled")
+            compiled = CompiledStep(
+                ReplicaStack.batched_terms,
+                lambda rows: rows[:, 0].sum(),
+                device,
+                compile_mode(device),
+            )
+            stacks[mode] = ReplicaStack(runs, 1e-3, compiled if mode == "compiled" else None)
             if inputs is None:
                 n = replicas * 100
                 x = runs[0].train_x[:n].reshape(replicas, 100, *runs[0].train_x.shape[1:])
@@ -132,7 +138,7 @@ def replica_steps(
         "median_step_s": median,
         "epoch_600_steps_s": {mode: 600 * s for mode, s in median.items()},
         "compiled_speedup": median["eager"] / median["compiled"],
-        "compiled_status": stacks["compiled"].status,
+        "compiled_status": stacks["compiled"].compiled.status,
     }
 
 
@@ -149,10 +155,17 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     data = load_dataset("mnist", args.data_dir)
-    singles = {n: single_runs(n, device, data, args.repeats) for n in args.networks}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / f"compile-{device.type}-partial.json"  # each measurement as it ends
+    singles: dict = {}
+    for network in args.networks:
+        singles[network] = single_runs(network, device, data, args.repeats)
+        partial.write_text(json.dumps({"single_runs": singles}, indent=2) + "\n")
     stack = replica_steps(
         args.replica_network, device, args.replicas, args.replica_steps, args.repeats
     )
+    partial.unlink()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {
         "machine": {
@@ -190,8 +203,6 @@ def main() -> None:
         f"({stack['epoch_600_steps_s']['compiled']:.2f} s), speedup "
         f"{stack['compiled_speedup']:.2f}× ({stack['compiled_status']}).",
     ]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / f"compile-{device.type}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"compile-{device.type}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

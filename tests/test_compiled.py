@@ -25,10 +25,9 @@ from vbdropout.train.runs import build_run_model, run_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# methods whose forward pass reads back to the host or differentiates inside it: they run
-# compiled in several graphs (dns and sws: a host decision per step; adversarial: a
-# gradient inside its forward pass)
-GRAPH_BREAKING = {"adversarial", "dns", "sws"}
+# the methods whose forward pass reads back to the host or differentiates inside it, and
+# that therefore declare a reason not to be compiled
+NOT_COMPILED = {name for name, cls in METHODS.items() if cls.no_compile_reason is not None}
 
 
 def config(out, shared_data, **kw):
@@ -98,7 +97,8 @@ def test_a_run_may_change_compile_on_resume(tmp_path, shared_data):
     train(config(tmp_path / "run", shared_data, epochs=1, compile="off"))
     summary = train(config(tmp_path / "run", shared_data, compile="on"), resume=True)
     assert summary["step"].startswith("compiled")
-    assert all("compile" not in change["changed"] for change in summary["resume_changes"])
+    changed = [change["changed"] for change in summary["resume_changes"]]
+    assert changed == [{"epochs": [1, 2], "lr_decay_start": [0, 1]}]  # compile is not one
 
 
 def failing_compile(stage):
@@ -197,10 +197,16 @@ def test_the_trial_pass_leaves_no_trace(shared_data):
     objective = CompiledObjective(model, 200, torch.device("cpu"))
     before = [p.detach().clone() for p in model.parameters()]
     rng = torch.get_rng_state()
-    objective.step._trial((x, y))
+    objective.step._trial((x, y), objective.state)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    # gradients held before the trial keep their values (the trial's do not add to them)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    objective.step._trial((x, y), objective.state)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+    model.zero_grad(set_to_none=True)
     # a full call after the trial: the same terms as the compiled graph from that state
     terms, wrong = objective(x, y, 0.5)
     torch.set_rng_state(rng)
@@ -245,8 +251,9 @@ def test_divergence_is_caught_in_a_compiled_step(shared_data, checks):
 
 @pytest.mark.parametrize("model_name", ["lenet300_100", "lenet5_caffe"])
 def test_methods_trace_as_one_graph(shared_data, model_name):
-    """Every method's objective but :data:`GRAPH_BREAKING`'s traces as one graph, forward
-    and backward (what CUDA graphs need), checked with the fast aot_eager backend."""
+    """Every method's objective but those declaring a ``no_compile_reason`` traces as one
+    graph, forward and backward (what CUDA graphs need; checked with the fast aot_eager
+    backend); those that declare one do not."""
     kernels.available()  # the kernels' first build is not traced
     breaking = set()
     for method in METHODS:
@@ -261,7 +268,7 @@ def test_methods_trace_as_one_graph(shared_data, model_name):
             breaking.add(method)
         finally:
             torch._dynamo.reset()
-    assert breaking == GRAPH_BREAKING
+    assert breaking == NOT_COMPILED == {"adversarial", "dns", "sws"}
 
 
 def test_bad_compile_choices_are_one_line_and_write_nothing(tmp_path, shared_data, capsys):
@@ -324,3 +331,81 @@ def test_reproduce_passes_compile_to_its_cells(tmp_path, shared_data, capsys):
     assert cell["step"] == "compiled (torch.compile, mode default)"
     config = (Path(cell["run_dir"]) / "config.toml").read_text()
     assert 'compile = "on"' in config
+
+
+class CountingNet(torch.nn.Module):
+    """A linear classifier whose forward pass counts its calls in a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(784, 10)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.linear(x.flatten(1))
+
+
+def test_the_trial_puts_back_buffers_a_forward_pass_changes(shared_data):
+    model, (x, y) = CountingNet(), (torch.randn(20, 784), torch.randint(0, 10, (20,)))
+    objective = CompiledObjective(model, 200, torch.device("cpu"))
+    objective(x, y, 1.0)  # trial, then the call
+    assert int(model.calls) == 1
+
+
+def eager_dynamo(monkeypatch):
+    """torch.compile with dynamo's eager backend: the same guards and recompile limits,
+    no code generation (fast)."""
+    compile_ = torch.compile
+    monkeypatch.setattr(
+        compiled_module.torch, "compile", lambda fn, **kw: compile_(fn, backend="eager")
+    )
+
+
+METHODS_IN_A_ROW = ["none", "bernoulli", "gaussian", "vd_a", "vd_b", "vbd", "pruning"]
+
+
+def objectives_in_a_row(shared_data):
+    """One compiled objective per method, each called with two batch shapes, in turn, all
+    kept alive (as reference cycles may keep finished runs until a garbage collection)."""
+    statuses, alive = [], []
+    for method in METHODS_IN_A_ROW:
+        model, data = small_model(shared_data, method)
+        objective = CompiledObjective(model, 200, torch.device("cpu"))
+        with finite_checks(model, enabled=False):
+            for batch in (100, 50):
+                objective(data.train_x[:batch], data.train_y[:batch], 1.0)
+        statuses.append(objective.status)
+        alive.append(objective)
+    return statuses
+
+
+def test_runs_in_one_process_do_not_reach_the_recompile_limit(shared_data, monkeypatch):
+    """Each compiled run starts from empty caches: 7 methods × 2 shapes of the same code
+    (vbd reproduce trains its cells in one process) all stay compiled, under a recompile
+    limit of 3 graphs per code (torch's is 8)."""
+    eager_dynamo(monkeypatch)
+    with torch._dynamo.config.patch(recompile_limit=3):
+        statuses = objectives_in_a_row(shared_data)
+    assert statuses == ["compiled (torch.compile, mode default)"] * len(METHODS_IN_A_ROW)
+
+
+def test_reaching_the_recompile_limit_falls_back_visibly(shared_data, monkeypatch):
+    """Without the reset the shared code reaches the recompile limit (3 here); that is
+    then a failed compilation (eager, with the reason), not a silent eager run."""
+    eager_dynamo(monkeypatch)
+    torch.compiler.reset()
+    monkeypatch.setattr(compiled_module.torch.compiler, "reset", lambda: None)
+    with torch._dynamo.config.patch(recompile_limit=3), pytest.warns(RuntimeWarning):
+        statuses = objectives_in_a_row(shared_data)
+    assert statuses[0].startswith("compiled")
+    assert statuses[-1].startswith("eager: torch.compile failed (FailOnRecompileLimitHit: ")
+
+
+@pytest.mark.parametrize("method", sorted(NOT_COMPILED))
+def test_a_method_that_breaks_the_graph_trains_eagerly_and_says_why(tmp_path, shared_data, method):
+    with pytest.warns(RuntimeWarning, match=f"compile on: {method} is not compiled: "):
+        summary = train(config(tmp_path / "run", shared_data, method=method, compile="on"))
+    assert summary["step"].startswith(f"eager: {method} is not compiled: its ")
+    auto = train(config(tmp_path / "auto", shared_data, method=method, epochs=1))
+    assert auto["step"] == "eager"  # auto on a CPU: not asked for, nothing to say

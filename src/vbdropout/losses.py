@@ -84,7 +84,7 @@ def elbo_loss(
     targets: Tensor,
     model: nn.Module,
     dataset_size: int,
-    kl_weight: float = 1.0,
+    kl_weight: float | Tensor = 1.0,
     reduction: Literal["sum", "mean"] = "sum",
 ) -> Tensor:
     """Negative ELBO of a classifier: N·mean cross-entropy + β·KL (see module docstring).

@@ -229,6 +229,8 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_reproduce_parser(sub: Any) -> None:
     """Add ``vbd reproduce`` to the subcommands ``sub``."""
+    from ..train.config import COMPILE_CHOICES
+
     repro = sub.add_parser(
         "reproduce",
         help="rerun one of the paper's tables side by side with its published numbers",
@@ -292,9 +294,10 @@ def add_reproduce_parser(sub: Any) -> None:
     )
     repro.add_argument(
         "--compile",
-        choices=["auto", "on", "off"],
+        choices=COMPILE_CHOICES,
         default="auto",
-        help="run the cells' training steps as torch.compile graphs (default auto: on a GPU)",
+        help="run the objective of the cells' training steps as torch.compile graphs "
+        "(default auto: on a GPU)",
     )
     repro.add_argument(
         "--address",

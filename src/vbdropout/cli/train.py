@@ -109,6 +109,7 @@ def add_train_parser(sub: Any) -> None:
     """Add ``vbd train`` to the subcommands ``sub``."""
     from ..data import DATASETS
     from ..models import METHODS, MODELS
+    from ..train.config import COMPILE_CHOICES
 
     train = sub.add_parser(
         "train",
@@ -225,9 +226,10 @@ def add_train_parser(sub: Any) -> None:
     )
     run.add_argument(
         "--compile",
-        choices=["auto", "on", "off"],
-        help="run the training step as a torch.compile graph (CUDA graphs on a GPU), "
-        "training eagerly if compilation fails (default auto: on with --device cuda)",
+        choices=COMPILE_CHOICES,
+        help="run each step's objective, forward and backward, as a torch.compile graph "
+        "(CUDA graphs on a GPU), training eagerly if compilation fails (default auto: on "
+        "with --device cuda)",
     )
     run.add_argument(
         "--replicas",

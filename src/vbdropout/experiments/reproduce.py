@@ -150,7 +150,8 @@ class _CellRunner:
             "compression": summary["compression"],
             "neurons_per_layer": neurons,
             "device": summary["device"],
-            "step": summary.get("step", "eager"),  # compiled or eager (TrainConfig.compile)
+            # compiled or eager (TrainConfig.compile); runs older than --compile: eager
+            "step": summary.get("step", "eager"),
             "wall_seconds": time.perf_counter() - start,
             "train_seconds": summary["train_seconds"],
             "replicas": summary.get("replicas", 1),  # trained as one of this many
@@ -305,7 +306,7 @@ def reproduce(
         bars,
         " ".join(sys.argv),
         tuple(seed_list) if together else (),
-        compile,
+        compile=compile,
     )
     computed = iter(run_jobs(jobs, runner, executor, address, progress, workers))
     cells = [cell if cell is not None else next(computed) for cell in slots]

@@ -1,50 +1,82 @@
 """The batch objective compiled with ``torch.compile``, falling back to eager on failure.
 
-On a GPU the forward and backward graphs of a training step (the objective and its
-gradient, the bulk of the step's kernels) are compiled and captured as CUDA graphs
-(``mode="reduce-overhead"``), which removes the per-kernel launch cost that dominates
-small networks; the fused Adam step and the device-side checks of
-:func:`~vbdropout.train.loop.train_epoch` (``checks="epoch"``) follow as a few more
-kernels, with no host synchronisation. On a CPU the default mode compiles without CUDA
-graphs (slower than the fused CPU kernels of the eager layers on the LeNets:
-benchmarks/bench_compile.py), so ``compile="auto"`` compiles on CUDA only.
+On a GPU the objective of a training step and its gradient (the forward and backward
+graphs, the bulk of the step's kernels) are compiled and captured as CUDA graphs
+(``mode="reduce-overhead"``), which removes their per-kernel launch cost, the cost that
+dominates small networks. The fused Adam step and the device-side checks of
+:func:`~vbdropout.train.loop.train_epoch` (``checks="epoch"``) stay eager: with no host
+synchronisation, but about as many small kernels again. On a CPU the default mode
+compiles without CUDA graphs; there the eager layers with their fused CPU kernels are
+faster for single runs (benchmarks/bench_compile.py), so ``compile="auto"`` compiles on
+CUDA only. Methods whose forward pass breaks the graph at every step declare why
+(:attr:`~vbdropout.models.methods.Method.no_compile_reason`) and train eagerly.
 
-A compilation that fails (no C++ compiler or Triton, an op the compiler does not take)
-must not fail a run: the first call for each batch shape is a trial of the compiled
-forward and backward pass that leaves no trace (random state, parameters, buffers and
-gradients are put back); when it raises and the eager objective does not, the run goes
-on eagerly with a warning, and :attr:`CompiledObjective.status` says why.
+A compilation that fails must not fail a run: the first call for each input shape is a
+trial of the compiled forward and backward pass that leaves no trace (the random state,
+the state tensors and their gradients are put back); when it, or a later call's forward
+pass, raises and the eager objective does not, the run goes on eagerly with a warning,
+and :attr:`CompiledStep.status` says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .. import kernels
 from ..losses import ElboTerms
+from ..models.methods import Method
+from .config import COMPILE_CHOICES
 from .loop import BatchObjective
 
-__all__ = ["COMPILE_CHOICES", "CompiledObjective", "CompiledStep", "compile_mode", "uses_compile"]
-
-COMPILE_CHOICES = ("auto", "on", "off")
+__all__ = [
+    "CompiledObjective",
+    "CompiledStep",
+    "compile_mode",
+    "compiles",
+    "run_objective",
+    "uses_compile",
+]
 
 
 def uses_compile(choice: str, device: torch.device) -> bool:
-    """Whether a run with ``compile=choice`` on ``device`` compiles its objective: ``on``
-    always, ``auto`` on CUDA only (see the module docstring), ``off`` never."""
+    """Whether ``compile=choice`` asks for compilation on ``device``: ``on`` always,
+    ``auto`` on CUDA only (see the module docstring), ``off`` never."""
     if choice not in COMPILE_CHOICES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {choice!r}")
     return choice == "on" or (choice == "auto" and device.type == "cuda")
 
 
-def compile_mode(device: torch.device) -> Literal["reduce-overhead", "default"]:
-    """``torch.compile``'s mode on ``device``: CUDA graphs on CUDA, plain compilation elsewhere."""
-    return "reduce-overhead" if device.type == "cuda" else "default"
+def compiles(choice: str, device: torch.device, method: Method) -> bool:
+    """Whether a run of ``method`` with ``compile=choice`` on ``device`` is compiled."""
+    return uses_compile(choice, device) and method.no_compile_reason is None
+
+
+def run_objective(
+    model: nn.Module, dataset_size: int, device: torch.device, choice: str, method: Method
+) -> BatchObjective:
+    """The batch objective of a run of ``method``: compiled where :func:`compiles`, else
+    eager, its status saying why where compilation was asked for (a warning too when
+    ``choice`` is ``"on"``)."""
+    if compiles(choice, device, method):
+        return CompiledObjective(model, dataset_size, device)
+    if not uses_compile(choice, device):
+        return BatchObjective(model, dataset_size)
+    why = f"{method.name} is not compiled: {method.no_compile_reason}"
+    if choice == "on":
+        warnings.warn(f"compile on: {why}; training eagerly", RuntimeWarning, stacklevel=2)
+    return BatchObjective(model, dataset_size, why)
+
+
+def compile_mode(device: torch.device, data_parallel: bool = False) -> str:
+    """``torch.compile``'s mode: CUDA graphs on CUDA, plain compilation elsewhere and for a
+    data-parallel model (whose gradient all-reduce hooks CUDA graphs would capture)."""
+    return "reduce-overhead" if device.type == "cuda" and not data_parallel else "default"
 
 
 class CompiledStep:
@@ -53,63 +85,80 @@ class CompiledStep:
     β reaches the graph as a 0-dim tensor on ``device``, refilled at every call, so that a
     KL warm-up (a new β at every step) does not recompile. ``dynamic=False``: one graph per
     input shape (the full batches and, where the batch size does not divide the data set,
-    the last one). The first call for each input shape is a trial: the graph's forward
-    pass and, through ``loss(output)``, its backward pass (compiled at its first call),
-    after which the random state, the values of ``tensors`` and the gradients of its
-    leaves are put back. When the trial, or the forward pass of a later call (which may
-    recompile after a training event changed a guarded attribute), raises and ``fn`` run
-    eagerly does not, the compilation failed: that call and every later one run ``fn``
-    eagerly, with one warning. (A backward graph that fails to compile after the trial,
-    i.e. only for a recompiled forward graph, fails the run.)
+    the last one). Compiling starts from empty caches (``torch.compiler.reset``), so that
+    runs one after another in a process (``vbd reproduce``) do not pile up graphs of the
+    same code towards torch's recompile limit; reaching it raises (and falls back, below)
+    instead of running eagerly unnoticed.
+
+    The first call for each input shape is a trial: the graph's forward pass and, through
+    ``loss(output)``, its backward pass (compiled at its first call), after which the
+    random state, the values of the call's ``state`` tensors and their gradients are put
+    back. When the trial, or the forward pass of a later call (which may recompile after a
+    training event changed a guarded attribute), raises and ``fn`` run eagerly does not,
+    the compilation failed: that call and every later one run ``fn`` eagerly, with one
+    warning. (A backward graph that fails to compile only after the trial, for a
+    recompiled forward graph, fails the run; on CUDA the graphs are recorded at the first
+    call after the trial, outside it.)
     """
 
     def __init__(
         self,
         fn: Callable[..., Any],
         loss: Callable[[Any], Tensor],
-        tensors: list[Tensor],
         device: torch.device,
+        mode: str,
+        no_sync: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
-        self.fn, self.loss, self.tensors, self.device = fn, loss, tensors, device
-        self.mode = compile_mode(device)
+        self.fn, self.loss, self.device, self.mode, self.no_sync = fn, loss, device, mode, no_sync
         self.compiled = True
-        self.status = f"compiled (torch.compile, mode {self.mode})"
+        self.status = f"compiled (torch.compile, mode {mode})"
         if device.type == "cpu":
             kernels.available()  # build the fused kernels now: their build cannot be traced
-        self._graph = torch.compile(fn, mode=self.mode, dynamic=False)
+        torch.compiler.reset()
+        self._graph = torch.compile(fn, mode=mode, dynamic=False)
         self._kl_weight = torch.zeros((), device=device)
         self._tried: set[tuple[tuple[int, ...], ...]] = set()  # the input shapes that passed
 
-    def __call__(self, *inputs: Any, kl_weight: float) -> Any:
+    def __call__(self, *inputs: Any, kl_weight: float, state: list[Tensor]) -> Any:
+        """``fn(*inputs, kl_weight)``; ``state``: the tensors a trial must put back (the
+        parameters and buffers the call reads)."""
         if not self.compiled:
             return self.fn(*inputs, kl_weight)
         self._kl_weight.fill_(kl_weight)
         shapes = tuple(tuple(t.shape) for t in _tensors(inputs))
         try:
-            if shapes not in self._tried:
-                self._trial(inputs)
-                self._tried.add(shapes)
-            if self.mode == "reduce-overhead":
-                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are done
-            return self._graph(*inputs, self._kl_weight)
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                if shapes not in self._tried:
+                    self._trial(inputs, state)
+                    self._tried.add(shapes)
+                self._mark_step()
+                return self._graph(*inputs, self._kl_weight)
         except Exception as err:  # also a recompilation after a training event changed a guard
             result = self.fn(*inputs, kl_weight)  # a user's error raises again, eagerly
             self._fall_back(err)
             return result
 
-    def _trial(self, inputs: tuple[Any, ...]) -> None:
+    def _mark_step(self) -> None:
+        """With CUDA graphs: a new step begins, the last one's outputs are done with."""
+        if self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def _trial(self, inputs: tuple[Any, ...], state: list[Tensor]) -> None:
         """A compiled forward and backward pass on ``inputs`` that leaves no trace."""
-        saved = [t.detach().clone() for t in self.tensors]
-        grads = [t.grad for t in self.tensors]
+        saved = [t.detach().clone() for t in state]
+        grads = [t.grad for t in state]
         devices = [self.device] if self.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices):
+            for t in state:
+                t.grad = None  # the trial's gradients must not add to the step's
+            with torch.random.fork_rng(devices=devices), self.no_sync():
+                self._mark_step()
                 self.loss(self._graph(*inputs, self._kl_weight)).backward()
         finally:
             with torch.no_grad():
-                for t, value in zip(self.tensors, saved, strict=True):
+                for t, value in zip(state, saved, strict=True):
                     t.copy_(value)
-            for t, grad in zip(self.tensors, grads, strict=True):
+            for t, grad in zip(state, grads, strict=True):
                 t.grad = grad
 
     def _fall_back(self, err: Exception) -> None:
@@ -119,7 +168,7 @@ class CompiledStep:
         self.compiled = False
         self.status = f"eager: torch.compile failed ({why})"
         warnings.warn(
-            f"torch.compile failed, training eagerly instead ({why})", RuntimeWarning, stacklevel=3
+            f"torch.compile failed, training eagerly instead ({why})", RuntimeWarning, stacklevel=2
         )
 
 
@@ -135,12 +184,24 @@ def _tensors(inputs: Any) -> list[Tensor]:
 
 
 class CompiledObjective(BatchObjective):
-    """:class:`~vbdropout.train.loop.BatchObjective` run as a :class:`CompiledStep`."""
+    """:class:`~vbdropout.train.loop.BatchObjective` run as a :class:`CompiledStep`.
+
+    For a :class:`~torch.nn.parallel.DistributedDataParallel` model the trial's backward
+    pass does not all-reduce (``no_sync``: a failure in one worker cannot leave the
+    others waiting), and the mode is the default one (no CUDA graphs).
+    """
 
     def __init__(self, model: nn.Module, dataset_size: int, device: torch.device) -> None:
         super().__init__(model, dataset_size)
-        tensors = [*model.parameters(), *model.buffers()]
-        self.step = CompiledStep(self.terms, lambda out: out[0].loss, tensors, device)
+        parallel = isinstance(model, nn.parallel.DistributedDataParallel)
+        self.state = [*model.parameters(), *model.buffers()]
+        self.step = CompiledStep(
+            self.terms,
+            lambda out: out[0].loss,
+            device,
+            compile_mode(device, parallel),
+            model.no_sync if parallel else contextlib.nullcontext,
+        )
 
     @property
     def compiled(self) -> bool:
@@ -151,4 +212,4 @@ class CompiledObjective(BatchObjective):
         return self.step.status
 
     def __call__(self, x: Tensor, y: Tensor, kl_weight: float) -> tuple[ElboTerms, Tensor]:
-        return self.step(x, y, kl_weight=kl_weight)
+        return self.step(x, y, kl_weight=kl_weight, state=self.state)

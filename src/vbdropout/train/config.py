@@ -24,6 +24,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "COMPILE_CHOICES",
     "ConfigError",
     "TrainConfig",
     "check_types",
@@ -31,6 +32,9 @@ __all__ = [
     "resolve_config",
     "to_toml",
 ]
+
+
+COMPILE_CHOICES = ("auto", "on", "off")  # TrainConfig.compile: auto = on a GPU only
 
 
 class ConfigError(ValueError):
@@ -172,7 +176,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         f"device must be auto, cpu or cuda, got {config.device!r}",
     )
     _check(
-        config.compile in ("auto", "on", "off"),
+        config.compile in COMPILE_CHOICES,
         f"compile must be auto, on or off, got {config.compile!r}",
     )
     _check(

@@ -109,10 +109,14 @@ class BatchObjective:
     weighted by β) and the number of wrong predictions, a 0-dim tensor.
 
     Run eagerly; :class:`~vbdropout.train.compiled.CompiledObjective` runs it compiled.
+    ``not_compiled``: why it is not, where compilation was asked for (for :attr:`status`).
     """
 
-    def __init__(self, model: nn.Module, dataset_size: int) -> None:
+    def __init__(
+        self, model: nn.Module, dataset_size: int, not_compiled: str | None = None
+    ) -> None:
         self.model, self.dataset_size = model, dataset_size
+        self._status = "eager" if not_compiled is None else f"eager: {not_compiled}"
 
     @property
     def compiled(self) -> bool:
@@ -122,7 +126,7 @@ class BatchObjective:
     @property
     def status(self) -> str:
         """How the objective runs, for a run's summary."""
-        return "eager"
+        return self._status
 
     def __call__(self, x: Tensor, y: Tensor, kl_weight: float) -> tuple[ElboTerms, Tensor]:
         return self.terms(x, y, kl_weight)
@@ -356,6 +360,11 @@ def train_epoch(
     start = time.perf_counter()
     n = x.shape[0]
     objective = BatchObjective(model, n) if objective is None else objective
+    if objective.model is not model or objective.dataset_size != n:
+        raise ValueError(
+            f"the objective is that of another model or data set size "
+            f"({objective.dataset_size} examples; training on {n})"
+        )
     steps = -(-n // batch_size)
     on_device = _DeviceEpoch(model, optimizer, steps, x.device) if checks == "epoch" else None
     totals = [0.0, 0.0, 0.0]  # loss·b, nll·b and wrong predictions (checks="step")

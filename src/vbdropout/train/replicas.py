@@ -48,7 +48,7 @@ from ..losses import elbo_terms
 from ..models.methods import method_class
 from ..nn.base import StochasticModule, VariationalModule, optimizer_stepped
 from . import rundir
-from .compiled import CompiledStep, uses_compile
+from .compiled import CompiledStep, compile_mode, compiles
 from .config import ConfigError, TrainConfig, resolve_config
 from .loop import (
     REPORT_EVERY,
@@ -130,8 +130,8 @@ class ReplicaStack:
     gives the models their own copies back and their optimizers the stacked state.
     """
 
-    def __init__(self, runs: list[Run], lr: float, compile: bool = False) -> None:
-        self.runs = runs
+    def __init__(self, runs: list[Run], lr: float, compiled: CompiledStep | None = None) -> None:
+        self.runs, self.compiled = runs, compiled
         models = [run.model for run in runs]
         named = [dict(model.named_parameters()) for model in models]
         self.params = {
@@ -179,17 +179,8 @@ class ReplicaStack:
             ]
             for model in models
         ]
-        tensors = [*self.params.values(), *self.batched.values(), *self.shared.values()]
-        self.compiled_step = (
-            CompiledStep(self._batched_terms, lambda out: out[:, 0].sum(), tensors, runs[0].device)
-            if compile
-            else None
-        )
-
-    @property
-    def status(self) -> str:
-        """How the steps ran: compiled, eager, or eager after a failed compilation."""
-        return "eager" if self.compiled_step is None else self.compiled_step.status
+        # what a compiled step's trial puts back
+        self.state = [*self.params.values(), *self.batched.values(), *self.shared.values()]
 
     def _stack_optimizer_state(self, named: list[dict[str, nn.Parameter]]) -> None:
         """The stacked Adam's state from the runs' optimizers (none before the first step):
@@ -235,10 +226,12 @@ class ReplicaStack:
         wrong = (logits.argmax(1) != y).sum().to(terms.loss.dtype)
         return torch.stack([terms.loss, terms.nll, terms.kl, wrong])
 
-    def _batched_terms(
+    def batched_terms(
         self, batched: dict[str, Tensor], x: Tensor, y: Tensor, kl_weight: float | Tensor
     ) -> Tensor:
-        """Every replica's :meth:`_objective`, one row each."""
+        """Every replica's :meth:`_objective`, one row each (compiled as
+        ``ReplicaStack.batched_terms``, the stack one of its inputs, so that the stacks of
+        later epochs run the same graphs)."""
         objective = functools.partial(self._objective, kl_weight=kl_weight)
         return vmap(objective, randomness="different")(batched, x, y)
 
@@ -254,12 +247,12 @@ class ReplicaStack:
         with finite_checks(self.model, enabled=False), warnings.catch_warnings():
             # ops without a batching rule (SBP's log_ndtr) run per replica: correct, slower
             warnings.filterwarnings("ignore", "There is a performance drop because we have not")
-            if self.compiled_step is None:
-                out = self._batched_terms(batched, x, y, kl_weight)
+            if self.compiled is None:
+                out = self.batched_terms(batched, x, y, kl_weight)
             else:
-                out = self.compiled_step(batched, x, y, kl_weight=kl_weight)
+                out = self.compiled(self, batched, x, y, kl_weight=kl_weight, state=self.state)
         self.optimizer.zero_grad(set_to_none=True)
-        out[:, 0].sum().backward()  # the replicas' losses share no parameter
+        _total_loss(out).backward()
         stacked = list(self.params.values())
         grads = [_replica_probes(p.grad, p) for p in stacked]
         self.optimizer.step()
@@ -374,13 +367,15 @@ def _train_group(
     for replica in replicas:  # a kill may have left some checkpoints an epoch behind
         for epoch in range(replica.run.start_epoch, start):
             _train_alone(replica, epoch)
-    compile, step = uses_compile(config.compile, device), runs[0].objective.status
+    compiled = (  # one for the group: its graphs serve the stacks of every epoch
+        CompiledStep(ReplicaStack.batched_terms, _total_loss, device, compile_mode(device))
+        if compiles(config.compile, device, runs[0].method)
+        else None
+    )
     for epoch in range(start, config.epochs):
-        active = [r for r in replicas if r.diverged is None]
-        status, ran = _group_epoch(active, epoch, bar, compile)
-        if compile:  # a compilation that failed is not tried again, and its reason kept
-            step, compile = ran, not ran.startswith("eager")
+        status = _group_epoch([r for r in replicas if r.diverged is None], epoch, bar, compiled)
     bar.close(status)
+    step = runs[0].objective.status if compiled is None else compiled.status
     summaries = []
     for replica in replicas:
         if replica.board is not None:
@@ -409,12 +404,18 @@ def _train_alone(replica: _Replica, epoch: int) -> None:
         replica.diverged = str(err)
 
 
+def _total_loss(rows: Tensor) -> Tensor:
+    """The sum of the replicas' losses (rows of :meth:`ReplicaStack.batched_terms`): its
+    gradient is every replica's own, since they share no parameter."""
+    return rows[:, 0].sum()
+
+
 def _group_epoch(
-    active: list[_Replica], epoch: int, bar: ProgressBar, compile: bool
-) -> tuple[str, str]:
-    """Train epoch ``epoch`` of the ``active`` replicas together (their step compiled if
-    ``compile``); then test, log and checkpoint each that did not diverge. Returns the
-    progress bar's status line and how the steps ran (:attr:`ReplicaStack.status`).
+    active: list[_Replica], epoch: int, bar: ProgressBar, compiled: CompiledStep | None
+) -> str:
+    """Train epoch ``epoch`` of the ``active`` replicas together (their objective run by
+    ``compiled``, else eagerly); then test, log and checkpoint each that did not diverge.
+    Returns the progress bar's status line.
 
     The steps' rows (:meth:`ReplicaStack.step`) stay on the device and are read once, at
     the end of the epoch (and for the progress bar every :data:`~.loop.REPORT_EVERY`
@@ -424,7 +425,7 @@ def _group_epoch(
     exactly those they would have taken without it.
     """
     if not active:
-        return "", "eager"
+        return ""
     run0 = active[0].run
     config, steps, x, y = run0.config, run0.steps, run0.train_x, run0.train_y
     n, batch = x.shape[0], config.batch_size
@@ -434,7 +435,7 @@ def _group_epoch(
         orders.append(torch.randperm(n, generator=gen, device=gen.device).to(x.device))
         replica.run.model.train()
     lr = run0.optimizer.param_groups[0]["lr"]
-    stack = ReplicaStack([r.run for r in active], lr, compile)
+    stack = ReplicaStack([r.run for r in active], lr, compiled)
     started = time.perf_counter()
     rows: list[Tensor] = []  # per step, one row per replica (on the device)
     beta = 0.0
@@ -468,7 +469,7 @@ def _group_epoch(
         with warnings.catch_warnings():  # its optimizer was stepped through the stack
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
             status = end_epoch(replica.run, epoch, stats, replica.board, trained)
-    return status, stack.status
+    return status
 
 
 def _replica_summary(replica: _Replica, step: str) -> dict[str, Any]:
@@ -480,6 +481,7 @@ def _replica_summary(replica: _Replica, step: str) -> dict[str, Any]:
         return {**run_summary(run), "step": step}
     return {
         **run_setup(run),
+        "step": step,
         "diverged": replica.diverged,
         "epochs_done": len(run.history),
         "last_epoch": run.history[-1] if run.history else None,

@@ -47,7 +47,7 @@ from ..models.methods import Method
 from ..nn.base import attach_optimizer
 from . import distributed, rundir
 from .checks import final_epoch_end, run_warnings
-from .compiled import CompiledObjective, uses_compile
+from .compiled import run_objective
 from .config import ConfigError, TrainConfig, resolve_config, to_toml
 from .loop import BatchObjective, DivergenceError, checks_for, evaluate, make_adam, train_epoch
 from .progress import ProgressBar
@@ -179,11 +179,7 @@ class Run:
         self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
         self.test_x, self.test_y = data.test_x.to(device), data.test_y.to(device)
         n = self.train_x.shape[0]
-        self.objective = (
-            CompiledObjective(self.trained, n, device)
-            if uses_compile(self.config.compile, device)
-            else BatchObjective(self.trained, n)
-        )
+        self.objective = run_objective(self.trained, n, device, self.config.compile, self.method)
 
     @property
     def steps(self) -> int:

@@ -92,11 +92,16 @@ class Method:
     replicas (``vbd train --replicas``, :mod:`vbdropout.train.replicas`); ``None`` when
     it can: its forward pass and objective are pure functions of the parameters,
     buffers and batch (no host reads, no state changed during a step).
+
+    ``no_compile_reason``: why the method's training step is not compiled (``vbd train
+    --compile``, :mod:`vbdropout.train.compiled`); ``None`` when its forward pass traces
+    as one graph (what CUDA graphs need) that later steps do not retrace.
     """
 
     name: ClassVar[str]
     run_options: ClassVar[tuple[str, ...]] = ()
     no_replicas_reason: ClassVar[str | None] = None
+    no_compile_reason: ClassVar[str | None] = None
 
     @classmethod
     def from_run(cls, run: Mapping[str, Any]) -> Method:

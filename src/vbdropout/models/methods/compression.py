@@ -188,6 +188,10 @@ class DNS(PerLayerMethod):
         "its forward pass decides on the host, at random steps, whether to update the mask, "
         "and updates it in place: each replica would need its own draw and surgery"
     )
+    no_compile_reason = (
+        "its forward pass reads on the host, at every step, whether to update the mask "
+        "(a graph break and retracing per surgery)"
+    )
     per_layer = "c_rate"
     layer_classes = (LinearDNS, Conv2dDNS)
     defaults = DNS_C_RATE
@@ -231,6 +235,10 @@ class SoftWeightSharing(Method):
     """
 
     name = "sws"
+    no_compile_reason = (
+        "its prior reads on the host, at every step, whether it acts yet (a graph break "
+        "and retracing when it starts)"
+    )
 
     def __init__(
         self,

@@ -242,6 +242,10 @@ class Adversarial(InputNoiseMethod):
         "its forward pass differentiates the loss by the dropout mask (a backward pass "
         "inside the forward), which torch.func's vmap cannot batch"
     )
+    no_compile_reason = (
+        "its forward pass differentiates the loss by the dropout mask (a backward pass "
+        "inside the forward), which breaks the graph and retraces at every step"
+    )
 
     def __init__(
         self,
