@@ -409,3 +409,16 @@ def test_a_method_that_breaks_the_graph_trains_eagerly_and_says_why(tmp_path, sh
     assert summary["step"].startswith(f"eager: {method} is not compiled: its ")
     auto = train(config(tmp_path / "auto", shared_data, method=method, epochs=1))
     assert auto["step"] == "eager"  # auto on a CPU: not asked for, nothing to say
+
+
+def test_the_command_line_prints_the_reason_as_one_warning_line(tmp_path, shared_data, capsys):
+    argv = ["train", "--method", "sws", "--train-subset", "550", "--epochs", "1"]
+    argv += ["--device", "cpu", "--data-dir", str(shared_data), "--compile", "on"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--json"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    lines = [line for line in err if "is not compiled" in line]
+    assert lines == [
+        "vbd train: warning: compile on: sws is not compiled: its prior reads on the host, at "
+        "every step, whether it acts yet (a graph break and retracing when it starts); "
+        "training eagerly"
+    ]

@@ -14,9 +14,10 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TextIO
 
 from ..data import DataError
 from .commands import (
@@ -80,6 +81,30 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _our_warnings_in_one_line(name: str) -> Iterator[None]:
+    """Within the block, a warning raised by vbdropout's own code prints as one line,
+    ``NAME: warning: MESSAGE`` (others keep Python's format)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def one_line(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: TextIO | None = None,
+            line: str | None = None,
+        ) -> None:
+            if not os.path.abspath(filename).startswith(package + os.sep):
+                return show(message, category, filename, lineno, file, line)
+            print(f"{name}: warning: {_one_line(message)}", file=file or sys.stderr)
+
+        warnings.showwarning = one_line
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vbd``; returns the exit status: 0, 1 (error), 2 (bad arguments) or 130
     (interrupted by Ctrl-C or SIGTERM). Every error is one line on stderr."""
@@ -87,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     name = f"vbd {args.command}"
     try:
-        with _sigterm_interrupts():
+        with _sigterm_interrupts(), _our_warnings_in_one_line(name):
             result = args.run_command(args)
     except KeyboardInterrupt as err:
         print(f"{name}: {err if str(err) else 'interrupted'}", file=sys.stderr)
