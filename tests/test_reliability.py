@@ -998,3 +998,25 @@ def test_a_refused_run_waits_for_the_holder_to_write_its_pid(tmp_path):
         assert time.monotonic() - start < 1
     finally:
         os.close(fd)
+
+
+def test_the_device_probes_mark_only_tensors_with_nan_or_inf():
+    """checks="epoch" probes every gradient and parameter as Σ|t·0| in two multi-tensor
+    operations: NaN exactly where a tensor holds a NaN or ±inf, 0 for huge finite values,
+    a missing gradient and an empty tensor."""
+    from vbdropout.train.loop import _probes
+
+    nan, inf = float("nan"), float("inf")
+    tensors = [
+        torch.tensor([1.0, nan]),
+        None,
+        torch.tensor([inf, 2.0]),
+        torch.tensor([[-inf]]),
+        torch.tensor([3e38, 3e38, -3e38]),
+        torch.zeros(0),
+        torch.tensor(1e-3),
+    ]
+    probes = _probes(tensors, torch.zeros(()))
+    assert [bool(p.isnan()) for p in probes] == [True, False, True, True, False, False, False]
+    assert all(float(p) == 0 for p in probes if not p.isnan())
+    assert _probes([None, None], torch.zeros(())) == [torch.zeros(()), torch.zeros(())]

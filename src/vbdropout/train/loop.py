@@ -297,9 +297,14 @@ class _DeviceEpoch:
 
 
 def _probes(tensors: Iterable[Tensor | None], like: Tensor) -> list[Tensor]:
-    """Per tensor, the sum of ``t · 0``: 0, or NaN if ``t`` holds a NaN or inf (0 for
-    ``None``, a missing gradient; on ``like``'s device)."""
-    return [(t.detach() * 0).sum() if t is not None else like.new_zeros(()) for t in tensors]
+    """Per tensor, the sum of ``|t · 0|``: 0, or NaN if ``t`` holds a NaN or inf (0 for
+    ``None``, a missing gradient; on ``like``'s device). As two multi-tensor (``_foreach``)
+    operations, a launch or two on a GPU for all tensors instead of two per tensor; a sum
+    propagates NaN on every backend."""
+    tensors = list(tensors)
+    present = [t.detach() for t in tensors if t is not None]
+    sums = iter(torch._foreach_norm(torch._foreach_mul(present, 0.0), 1) if present else [])
+    return [next(sums) if t is not None else like.new_zeros(()) for t in tensors]
 
 
 def _stacked(values: list[Tensor]) -> Tensor:
