@@ -306,7 +306,9 @@ def test_compiled_replicas_equal_eager_replicas_and_compile_once(tmp_path, share
 def test_failed_compilation_of_replicas_falls_back_once(tmp_path, shared_data, monkeypatch):
     from vbdropout.train import train_replicas
 
-    eager = train_replicas(replica_group(tmp_path / "eager", shared_data, method="vbd"))
+    eager = train_replicas(
+        replica_group(tmp_path / "eager", shared_data, method="vbd", compile="off")
+    )
     monkeypatch.setattr(compiled_module.torch, "compile", failing_compile("forward"))
     group = replica_group(tmp_path / "fell", shared_data, method="vbd", compile="on")
     with pytest.warns(RuntimeWarning, match="torch.compile failed") as caught:
@@ -422,3 +424,18 @@ def test_the_command_line_prints_the_reason_as_one_warning_line(tmp_path, shared
         "every step, whether it acts yet (a graph break and retracing when it starts); "
         "training eagerly"
     ]
+
+
+def test_replicas_compile_by_default_on_a_cpu_single_runs_do_not(tmp_path, shared_data, capsys):
+    """``auto``: on a CPU replicas (no fused kernels under vmap) are faster compiled,
+    single runs eager (benchmarks/bench_compile.py)."""
+    argv = ["train", "--method", "vbd", "--train-subset", "600", "--epochs", "1"]
+    argv += ["--device", "cpu", "--data-dir", str(shared_data), "--json"]
+    assert main([*argv, "--replicas", "2", "--out", str(tmp_path / "group")]) == 0
+    group = json.loads(capsys.readouterr().out.splitlines()[-1])["runs"]
+    assert [r["step"] for r in group] == ["compiled (torch.compile, mode default)"] * 2
+    assert main([*argv, "--out", str(tmp_path / "single")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == "eager"
+    assert main([*argv, "--replicas", "2", "--method", "sws", "--out", str(tmp_path / "s")]) == 0
+    sws = json.loads(capsys.readouterr().out.splitlines()[-1])["runs"]
+    assert all(r["step"].startswith("eager: sws is not compiled: its prior") for r in sws)

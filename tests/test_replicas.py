@@ -39,6 +39,7 @@ def config(out, shared_data, **kw):
         data_dir=str(shared_data),
         kl_warmup=(0, 2),
         device="cpu",
+        compile="off",  # eager replicas: the compiled ones are tests/test_compiled.py's
     )
     fields.update(kw)
     return TrainConfig(**fields)
@@ -127,7 +128,7 @@ def test_replica_run_directories_are_ordinary_runs(tmp_path, shared_data, capsys
         "train", "--model", "lenet300_100", "--method", "vbd", "--dataset", "mnist",
         "--data-dir", str(shared_data), "--train-subset", "600", "--epochs", "2",
         "--kl-warmup", "0", "1", "--device", "cpu", "--replicas", "2", "--seed", "5",
-        "--out", str(out), "--json",
+        "--compile", "off", "--out", str(out), "--json",
     ])  # fmt: skip
     assert code == 0
     printed = json.loads(capsys.readouterr().out.splitlines()[-1])
@@ -179,7 +180,7 @@ def cli(out, shared_data, epochs, *extra):
         sys.executable, "-m", "vbdropout", "train", "--model", "lenet300_100", "--method",
         "none", "--dataset", "mnist", "--data-dir", str(shared_data), "--train-subset", "600",
         "--epochs", str(epochs), "--device", "cpu", "--replicas", "2", "--seed", "0",
-        "--out", str(out), "--json", *extra,
+        "--compile", "off", "--out", str(out), "--json", *extra,
     ]  # fmt: skip
 
 
@@ -324,7 +325,7 @@ def reproduce_table4(out, shared_data, *extra):
     return main([
         "reproduce", "table4", "--only", "^(Original|Pruning) .*lenet300", "--seeds", "2",
         "--epochs", "2", "--train-subset", "600", "--data-dir", str(shared_data),
-        "--device", "cpu", "--out", str(out), "--json", *extra,
+        "--device", "cpu", "--compile", "off", "--out", str(out), "--json", *extra,
     ])  # fmt: skip
 
 
@@ -410,7 +411,8 @@ def test_reproduce_trains_rows_that_start_from_other_rows_as_replicas(
     code = main([
         "reproduce", "table5", "--only", "^(Original|SBP) .*lenet500", "--seeds", "2",
         "--epochs", "1", "--train-subset", "600", "--data-dir", str(shared_data),
-        "--device", "cpu", "--out", str(tmp_path), "--replicas", "on", "--json",
+        "--device", "cpu", "--out", str(tmp_path), "--replicas", "on", "--compile", "off",
+        "--json",
     ])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     cells = [
@@ -431,7 +433,7 @@ def cli_args(out, shared_data, *extra):
     return [
         "train", "--model", "lenet300_100", "--method", "none", "--dataset", "mnist",
         "--data-dir", str(shared_data), "--train-subset", "300", "--device", "cpu",
-        "--replicas", "2", "--out", str(out), "--json", *extra,
+        "--replicas", "2", "--compile", "off", "--out", str(out), "--json", *extra,
     ]  # fmt: skip
 
 

@@ -297,7 +297,7 @@ def add_reproduce_parser(sub: Any) -> None:
         choices=COMPILE_CHOICES,
         default="auto",
         help="run the objective of the cells' training steps as torch.compile graphs "
-        "(default auto: on a GPU)",
+        "(default auto: on a GPU, and for replicas)",
     )
     repro.add_argument(
         "--address",

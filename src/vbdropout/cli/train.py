@@ -229,7 +229,7 @@ def add_train_parser(sub: Any) -> None:
         choices=COMPILE_CHOICES,
         help="run each step's objective, forward and backward, as a torch.compile graph "
         "(CUDA graphs on a GPU), training eagerly if compilation fails (default auto: on "
-        "with --device cuda)",
+        "with --device cuda, and for --replicas)",
     )
     run.add_argument(
         "--replicas",

@@ -239,7 +239,7 @@ def reproduce(
     cells train on a GPU: on a CPU replicas are slower than single runs with the fused
     kernels (docs/PERFORMANCE.md).
     ``compile``: the cells' :attr:`~vbdropout.train.TrainConfig.compile` (``"auto"``: their
-    training steps compiled on a GPU).
+    training steps compiled on a GPU, and for replicas).
     """
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; known: {', '.join(TABLES)}")

@@ -5,10 +5,11 @@ graphs, the bulk of the step's kernels) are compiled and captured as CUDA graphs
 (``mode="reduce-overhead"``), which removes their per-kernel launch cost, the cost that
 dominates small networks. The fused Adam step and the device-side checks of
 :func:`~vbdropout.train.loop.train_epoch` (``checks="epoch"``) stay eager: with no host
-synchronisation, but about as many small kernels again. On a CPU the default mode
-compiles without CUDA graphs; there the eager layers with their fused CPU kernels are
-faster for single runs (benchmarks/bench_compile.py), so ``compile="auto"`` compiles on
-CUDA only. Methods whose forward pass breaks the graph at every step declare why
+synchronisation, as some 25 small kernels. On a CPU the default mode compiles without
+CUDA graphs; there the eager layers with their fused CPU kernels are faster for single
+runs, while replicas (which cannot use those kernels under ``vmap``) are faster
+compiled (benchmarks/bench_compile.py), so ``compile="auto"`` compiles on CUDA and, on
+a CPU, replicas. Methods whose forward pass breaks the graph at every step declare why
 (:attr:`~vbdropout.models.methods.Method.no_compile_reason`) and train eagerly.
 
 A compilation that fails must not fail a run: the first call for each input shape is a
@@ -39,22 +40,25 @@ __all__ = [
     "CompiledStep",
     "compile_mode",
     "compiles",
+    "not_compiled",
     "run_objective",
     "uses_compile",
 ]
 
 
-def uses_compile(choice: str, device: torch.device) -> bool:
-    """Whether ``compile=choice`` asks for compilation on ``device``: ``on`` always,
-    ``auto`` on CUDA only (see the module docstring), ``off`` never."""
+def uses_compile(choice: str, device: torch.device, replicas: bool = False) -> bool:
+    """Whether ``compile=choice`` asks for compilation on ``device`` (of a replica group,
+    with ``replicas``): ``on`` always, ``auto`` on CUDA and for replicas (see the module
+    docstring), ``off`` never."""
     if choice not in COMPILE_CHOICES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {choice!r}")
-    return choice == "on" or (choice == "auto" and device.type == "cuda")
+    return choice == "on" or (choice == "auto" and (device.type == "cuda" or replicas))
 
 
-def compiles(choice: str, device: torch.device, method: Method) -> bool:
-    """Whether a run of ``method`` with ``compile=choice`` on ``device`` is compiled."""
-    return uses_compile(choice, device) and method.no_compile_reason is None
+def compiles(choice: str, device: torch.device, method: Method, replicas: bool = False) -> bool:
+    """Whether a run (a replica group, with ``replicas``) of ``method`` with
+    ``compile=choice`` on ``device`` is compiled."""
+    return uses_compile(choice, device, replicas) and method.no_compile_reason is None
 
 
 def run_objective(
@@ -65,12 +69,20 @@ def run_objective(
     ``choice`` is ``"on"``)."""
     if compiles(choice, device, method):
         return CompiledObjective(model, dataset_size, device)
-    if not uses_compile(choice, device):
-        return BatchObjective(model, dataset_size)
-    why = f"{method.name} is not compiled: {method.no_compile_reason}"
-    if choice == "on":
+    why = not_compiled(choice, device, method)
+    if why is not None and choice == "on":
         warnings.warn(f"compile on: {why}; training eagerly", RuntimeWarning, stacklevel=2)
     return BatchObjective(model, dataset_size, why)
+
+
+def not_compiled(
+    choice: str, device: torch.device, method: Method, replicas: bool = False
+) -> str | None:
+    """Why a run (a replica group, with ``replicas``) that ``compile=choice`` asks to
+    compile is not: the method's reason; ``None`` where it was not asked or is compiled."""
+    if not uses_compile(choice, device, replicas) or method.no_compile_reason is None:
+        return None
+    return f"{method.name} is not compiled: {method.no_compile_reason}"
 
 
 def compile_mode(device: torch.device, data_parallel: bool = False) -> str:

@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-COMPILE_CHOICES = ("auto", "on", "off")  # TrainConfig.compile: auto = on a GPU only
+COMPILE_CHOICES = ("auto", "on", "off")  # TrainConfig.compile: auto = GPU or replicas
 
 
 class ConfigError(ValueError):
@@ -57,7 +57,7 @@ class TrainConfig:
     kl_scale: float = 1.0  # the objective N·E[CE] + kl_scale·β·KL; 1 is the ELBO
     seed: int = 0
     device: str = "auto"
-    compile: str = "auto"  # the training step compiled: on, off, auto = on a GPU only
+    compile: str = "auto"  # the step's objective compiled: on, off, auto = GPU or replicas
     data_dir: str | None = None
     train_subset: int | None = None
     log_alpha_threshold: float = LOG_ALPHA_THRESHOLD  # weight layers: prune when log α > this

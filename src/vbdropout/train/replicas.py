@@ -48,7 +48,7 @@ from ..losses import elbo_terms
 from ..models.methods import method_class
 from ..nn.base import StochasticModule, VariationalModule, optimizer_stepped
 from . import rundir
-from .compiled import CompiledStep, compile_mode, compiles
+from .compiled import CompiledStep, compile_mode, compiles, not_compiled
 from .config import ConfigError, TrainConfig, resolve_config
 from .loop import (
     REPORT_EVERY,
@@ -369,13 +369,14 @@ def _train_group(
             _train_alone(replica, epoch)
     compiled = (  # one for the group: its graphs serve the stacks of every epoch
         CompiledStep(ReplicaStack.batched_terms, _total_loss, device, compile_mode(device))
-        if compiles(config.compile, device, runs[0].method)
+        if compiles(config.compile, device, runs[0].method, replicas=True)
         else None
     )
     for epoch in range(start, config.epochs):
         status = _group_epoch([r for r in replicas if r.diverged is None], epoch, bar, compiled)
     bar.close(status)
-    step = runs[0].objective.status if compiled is None else compiled.status
+    why = not_compiled(config.compile, device, runs[0].method, replicas=True)
+    step = compiled.status if compiled else "eager" if why is None else f"eager: {why}"
     summaries = []
     for replica in replicas:
         if replica.board is not None:
