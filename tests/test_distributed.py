@@ -72,8 +72,9 @@ def test_a_killed_two_process_run_resumes(tmp_path, shared_data):
 
 
 def test_two_compiled_processes_match_one_eager_process_without_noise(tmp_path, shared_data):
-    """Each worker compiles its objective around the DistributedDataParallel model (the
-    trial's backward all-reduces in both workers alike): ``none`` trains as in one process."""
+    """With --compile on each worker compiles its objective around the
+    DistributedDataParallel model (the trial pass under no_sync, no CUDA graphs): ``none``
+    trains as in one process."""
     args = ("--method", "none", "--epochs", "2")
     one = run(cli(tmp_path / "one", shared_data, *args, "--compile", "off"))
     two = run(cli(tmp_path / "two", shared_data, *args, "--compile", "on", "--nproc", "2"))

@@ -17,7 +17,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import Any
 
 from ..data import DataError
 from .commands import (
@@ -83,26 +83,28 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 @contextmanager
 def _our_warnings_in_one_line(name: str) -> Iterator[None]:
-    """Within the block, a warning raised by vbdropout's own code prints as one line,
-    ``NAME: warning: MESSAGE`` (others keep Python's format)."""
+    """Within the block, a warning raised by vbdropout's own code is formatted as one line,
+    ``NAME: warning: MESSAGE`` (others keep Python's format; recording warnings, as tests
+    do, is not affected)."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with warnings.catch_warnings():
-        show = warnings.showwarning
+    original = warnings.formatwarning
 
-        def one_line(
-            message: Warning | str,
-            category: type[Warning],
-            filename: str,
-            lineno: int,
-            file: TextIO | None = None,
-            line: str | None = None,
-        ) -> None:
-            if not os.path.abspath(filename).startswith(package + os.sep):
-                return show(message, category, filename, lineno, file, line)
-            print(f"{name}: warning: {_one_line(message)}", file=file or sys.stderr)
+    def one_line(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        line: str | None = None,
+    ) -> str:
+        if not os.path.abspath(filename).startswith(package + os.sep):
+            return original(message, category, filename, lineno, line)
+        return f"{name}: warning: {_one_line(message)}\n"
 
-        warnings.showwarning = one_line
+    warnings.formatwarning = one_line
+    try:
         yield
+    finally:
+        warnings.formatwarning = original
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -66,7 +66,11 @@ def run_objective(
 ) -> BatchObjective:
     """The batch objective of a run of ``method``: compiled where :func:`compiles`, else
     eager, its status saying why where compilation was asked for (a warning too when
-    ``choice`` is ``"on"``)."""
+    ``choice`` is ``"on"``). A data-parallel model is compiled only with ``"on"``: a
+    compilation that fails in one worker only would leave that worker a collective
+    (DDP's buffer broadcast) ahead of the others when it retries eagerly."""
+    if choice == "auto" and isinstance(model, nn.parallel.DistributedDataParallel):
+        return BatchObjective(model, dataset_size)
     if compiles(choice, device, method):
         return CompiledObjective(model, dataset_size, device)
     why = not_compiled(choice, device, method)
@@ -126,7 +130,7 @@ class CompiledStep:
         self.status = f"compiled (torch.compile, mode {mode})"
         if device.type == "cpu":
             kernels.available()  # build the fused kernels now: their build cannot be traced
-        torch.compiler.reset()
+        torch.compiler.reset()  # process-wide: also other code's compiled graphs recompile
         self._graph = torch.compile(fn, mode=mode, dynamic=False)
         self._kl_weight = torch.zeros((), device=device)
         self._tried: set[tuple[tuple[int, ...], ...]] = set()  # the input shapes that passed
@@ -138,17 +142,23 @@ class CompiledStep:
             return self.fn(*inputs, kl_weight)
         self._kl_weight.fill_(kl_weight)
         shapes = tuple(tuple(t.shape) for t in _tensors(inputs))
+        dynamo = torch._dynamo.config
+        limit_raises = dynamo.fail_on_recompile_limit_hit  # set directly: a patch costs µs
+        dynamo.fail_on_recompile_limit_hit = True
         try:
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-                if shapes not in self._tried:
-                    self._trial(inputs, state)
-                    self._tried.add(shapes)
-                self._mark_step()
-                return self._graph(*inputs, self._kl_weight)
+            if shapes not in self._tried:
+                self._trial(inputs, state)
+                self._tried.add(shapes)
+            self._mark_step()
+            return self._graph(*inputs, self._kl_weight)
         except Exception as err:  # also a recompilation after a training event changed a guard
-            result = self.fn(*inputs, kl_weight)  # a user's error raises again, eagerly
+            # a user's error raises again, eagerly (a graph that failed while running, not
+            # while compiling, may have drawn random numbers or changed buffers first)
+            result = self.fn(*inputs, kl_weight)
             self._fall_back(err)
             return result
+        finally:
+            dynamo.fail_on_recompile_limit_hit = limit_raises
 
     def _mark_step(self) -> None:
         """With CUDA graphs: a new step begins, the last one's outputs are done with."""
@@ -199,8 +209,8 @@ class CompiledObjective(BatchObjective):
     """:class:`~vbdropout.train.loop.BatchObjective` run as a :class:`CompiledStep`.
 
     For a :class:`~torch.nn.parallel.DistributedDataParallel` model the trial's backward
-    pass does not all-reduce (``no_sync``: a failure in one worker cannot leave the
-    others waiting), and the mode is the default one (no CUDA graphs).
+    pass does not all-reduce (``no_sync``), and the mode is the default one (no CUDA
+    graphs); see :func:`run_objective` for what a failure in one worker only does.
     """
 
     def __init__(self, model: nn.Module, dataset_size: int, device: torch.device) -> None:

@@ -299,8 +299,9 @@ class _DeviceEpoch:
 def _probes(tensors: Iterable[Tensor | None], like: Tensor) -> list[Tensor]:
     """Per tensor, the sum of ``|t · 0|``: 0, or NaN if ``t`` holds a NaN or inf (0 for
     ``None``, a missing gradient; on ``like``'s device). As two multi-tensor (``_foreach``)
-    operations, a launch or two on a GPU for all tensors instead of two per tensor; a sum
-    propagates NaN on every backend."""
+    operations, a launch or two on a GPU for all tensors instead of two per tensor (the
+    temporaries ``t · 0`` of all tensors then exist at once: one model's size at peak); a
+    sum propagates NaN on every backend."""
     tensors = list(tensors)
     present = [t.detach() for t in tensors if t is not None]
     sums = iter(torch._foreach_norm(torch._foreach_mul(present, 0.0), 1) if present else [])
