@@ -106,7 +106,8 @@ class CompiledStep:
     same code towards torch's recompile limit; reaching it raises (and falls back, below)
     instead of running eagerly unnoticed.
 
-    The first call for each input shape is a trial: the graph's forward pass and, through
+    The first call for each shape of the tensor inputs (the batch; for replicas its
+    leading dimension is their number) is a trial: the graph's forward pass and, through
     ``loss(output)``, its backward pass (compiled at its first call), after which the
     random state, the values of the call's ``state`` tensors and their gradients are put
     back. When the trial, or the forward pass of a later call (which may recompile after a
@@ -133,7 +134,8 @@ class CompiledStep:
         torch.compiler.reset()  # process-wide: also other code's compiled graphs recompile
         self._graph = torch.compile(fn, mode=mode, dynamic=False)
         self._kl_weight = torch.zeros((), device=device)
-        self._tried: set[tuple[tuple[int, ...], ...]] = set()  # the input shapes that passed
+        # the shapes of the tensor inputs (the batch: it also tells the replicas) that passed
+        self._tried: set[tuple[tuple[int, ...], ...]] = set()
 
     def __call__(self, *inputs: Any, kl_weight: float, state: list[Tensor]) -> Any:
         """``fn(*inputs, kl_weight)``; ``state``: the tensors a trial must put back (the
@@ -141,7 +143,7 @@ class CompiledStep:
         if not self.compiled:
             return self.fn(*inputs, kl_weight)
         self._kl_weight.fill_(kl_weight)
-        shapes = tuple(tuple(t.shape) for t in _tensors(inputs))
+        shapes = tuple(tuple(t.shape) for t in inputs if isinstance(t, Tensor))
         dynamo = torch._dynamo.config
         limit_raises = dynamo.fail_on_recompile_limit_hit  # set directly: a patch costs µs
         dynamo.fail_on_recompile_limit_hit = True
@@ -192,17 +194,6 @@ class CompiledStep:
         warnings.warn(
             f"torch.compile failed, training eagerly instead ({why})", RuntimeWarning, stacklevel=2
         )
-
-
-def _tensors(inputs: Any) -> list[Tensor]:
-    """The tensors in ``inputs`` (tensors, and dicts, lists and tuples of them)."""
-    if isinstance(inputs, Tensor):
-        return [inputs]
-    if isinstance(inputs, dict):
-        inputs = list(inputs.values())
-    if isinstance(inputs, (list, tuple)):
-        return [t for item in inputs for t in _tensors(item)]
-    return []
 
 
 class CompiledObjective(BatchObjective):

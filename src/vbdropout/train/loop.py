@@ -22,6 +22,7 @@ __all__ = [
     "DivergenceError",
     "checks_for",
     "defers_checks",
+    "eager_status",
     "evaluate",
     "finite_checks",
     "first_failed",
@@ -116,7 +117,7 @@ class BatchObjective:
         self, model: nn.Module, dataset_size: int, not_compiled: str | None = None
     ) -> None:
         self.model, self.dataset_size = model, dataset_size
-        self._status = "eager" if not_compiled is None else f"eager: {not_compiled}"
+        self._status = eager_status(not_compiled)
 
     @property
     def compiled(self) -> bool:
@@ -136,6 +137,12 @@ class BatchObjective:
         logits = self.model(x)
         terms = elbo_terms(logits, y, self.model, self.dataset_size, kl_weight, "mean")
         return terms, (logits.argmax(1) != y).sum()
+
+
+def eager_status(not_compiled: str | None) -> str:
+    """How an eager objective runs, for a run's summary: ``eager``, or ``eager: WHY`` where
+    compilation was asked for and ``not_compiled`` says why it is not."""
+    return "eager" if not_compiled is None else f"eager: {not_compiled}"
 
 
 def _checked_terms(

@@ -53,6 +53,7 @@ from .config import ConfigError, TrainConfig, resolve_config
 from .loop import (
     REPORT_EVERY,
     DivergenceError,
+    eager_status,
     finite_checks,
     first_failed,
     gradient_message,
@@ -376,7 +377,7 @@ def _train_group(
         status = _group_epoch([r for r in replicas if r.diverged is None], epoch, bar, compiled)
     bar.close(status)
     why = not_compiled(config.compile, device, runs[0].method, replicas=True)
-    step = compiled.status if compiled else "eager" if why is None else f"eager: {why}"
+    step = eager_status(why) if compiled is None else compiled.status
     summaries = []
     for replica in replicas:
         if replica.board is not None:
