@@ -163,9 +163,25 @@ def test_dataset_size_outside_a_trainer():
 
 def test_warmup_arguments_are_checked():
     assert [KLWarmup(5, 20).kl_weight(e) for e in (0, 5, 10, 20, 99)] == [0, 0, 1 / 3, 1, 1]
+    scaled = KLWarmup(5, 20, kl_scale=3)
+    assert [scaled.kl_weight(e) for e in (0, 5, 10, 20, 99)] == [0, 0, 1, 3, 3]
     for start, end in ((3, 2), (-1, 2), (0.5, 2)):
         with pytest.raises(ValueError, match="start"):
             KLWarmup(start, end)
+    for bad in (0, -1.0, float("inf"), float("nan"), "3", True):
+        with pytest.raises(ValueError, match="kl_scale must be a positive finite number"):
+            KLWarmup(0, 0, kl_scale=bad)
+
+
+def test_kl_scale_weighs_the_kl_as_vbd_train_does(tmp_path):
+    """KLWarmup(kl_scale=S) gives the loss N·E[CE]/N + S·β·KL/N at every step, the
+    objective of ``vbd train --kl-scale S``."""
+    module, _ = _fit(tmp_path, KLWarmup(start=0, end=2, kl_scale=3))
+    batches = N // 64
+    betas = [beta for _, beta, _, _ in module.seen]
+    assert betas == [3 * kl_weight(i / batches, 0, 2) for i in range(EPOCHS * batches)]
+    for _, _, loss, expected in module.seen:
+        assert loss == pytest.approx(expected, rel=1e-6)
 
 
 def test_vbdropout_never_needs_lightning():

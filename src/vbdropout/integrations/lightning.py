@@ -158,14 +158,17 @@ _UNSET: Any = object()  # a deprecated argument not given
 class KLWarmup(pl.Callback):
     """Linear KL warm-up, the method's training events, and compression logging.
 
-    Before every training step sets ``pl_module.kl_weight`` to β at t = e + b/B epochs
-    (epoch e from 0, batch b of B): 0 for t < start, (t − start) / (end − start) until
-    ``end``, then 1 — :func:`vbdropout.train.schedules.kl_weight`, as ``vbd train`` does
-    (the sparse VD protocol uses ``start=5, end=20``; ``start=end=0`` for methods without
-    a KL warm-up, such as the pruning baselines). With a loader of unknown length, β
-    keeps its value at the epoch's start. When fitting starts it hooks the model to the
-    trainer's optimizers (:func:`~vbdropout.nn.base.attach_optimizer`: pruned weights
-    stay zero through their steps). At the end of every training epoch it runs
+    Before every training step sets ``pl_module.kl_weight`` to ``kl_scale`` · β at
+    t = e + b/B epochs (epoch e from 0, batch b of B), β being 0 for t < start,
+    (t − start) / (end − start) until ``end``, then 1 —
+    :func:`vbdropout.train.schedules.kl_weight`, as ``vbd train`` does (the sparse VD
+    protocol uses ``start=5, end=20``; ``start=end=0`` for methods without a KL warm-up,
+    such as the pruning baselines). ``kl_scale`` is ``vbd train --kl-scale``: 1 (the
+    default) trains the ELBO, above 1 a heavier KL that prunes more. With a loader of
+    unknown length, β keeps its value at the epoch's start. When fitting starts it hooks
+    the model to the trainer's optimizers (:func:`~vbdropout.nn.base.attach_optimizer`:
+    pruned weights stay zero through their steps). At the end of every training epoch it
+    runs
     ``method.epoch_end(pl_module, epoch, trainer.max_epochs)`` (``method``: a
     :class:`~vbdropout.models.methods.Method`, by default the base one, which runs the
     layers' ``on_epoch_end`` hooks as every built-in method does), then logs
@@ -189,6 +192,7 @@ class KLWarmup(pl.Callback):
         module: str | None = None,
         prefix: str = "",
         method: Method | None = None,
+        kl_scale: float = 1.0,
         threshold: Threshold = _UNSET,
     ) -> None:
         super().__init__()
@@ -204,8 +208,12 @@ class KLWarmup(pl.Callback):
                 raise ValueError(f"{name} must be an int, got {value!r}")
         if not 0 <= start <= end:
             raise ValueError(f"KL warm-up needs 0 <= start <= end, got start={start}, end={end}")
+        number = isinstance(kl_scale, int | float) and not isinstance(kl_scale, bool)
+        if not (number and math.isfinite(kl_scale) and kl_scale > 0):
+            raise ValueError(f"kl_scale must be a positive finite number, got {kl_scale!r}")
         self.start = start
         self.end = end
+        self.kl_scale = float(kl_scale)
         self.log_compression = log_compression
         self.log_alpha_threshold = log_alpha_threshold
         self.unit_threshold = unit_threshold
@@ -215,8 +223,8 @@ class KLWarmup(pl.Callback):
         self._handles: list[Any] = []
 
     def kl_weight(self, progress: float) -> float:
-        """β after ``progress`` epochs of training (0 at the first step)."""
-        return _scheduled_kl_weight(progress, self.start, self.end)
+        """``kl_scale`` · β after ``progress`` epochs of training (0 at the first step)."""
+        return self.kl_scale * _scheduled_kl_weight(progress, self.start, self.end)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         scheduled = any(
