@@ -32,7 +32,7 @@ from ..models.methods import method_class
 from ..train.config import TrainConfig
 from ..train.loop import DivergenceError
 from .executors import CellJob, check_executor, run_jobs
-from .stats import mean_interval, welch_interval
+from .stats import prediction_interval, welch_interval
 from .tables import TABLES, Budget, Row, Table
 
 __all__ = ["PLOTS_NEED_MATPLOTLIB", "cell_config", "reproduce", "table_markdown"]
@@ -359,19 +359,27 @@ def _mean_sd(values: list[float], digits: int = 2) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def _per_layer(vectors: list[list[int]]) -> str:
+def _per_layer(vectors: list[list[float]], digits: int = 0) -> str:
     """Per-layer means joined by dashes, with the per-layer sd in brackets for n ≥ 2."""
-    means = "-".join(f"{statistics.fmean(layer):.0f}" for layer in zip(*vectors, strict=True))
+    layers = list(zip(*vectors, strict=True))
+    means = "-".join(f"{statistics.fmean(layer):.{digits}f}" for layer in layers)
     if len(vectors) < 2:
         return means
-    spreads = "-".join(f"{statistics.stdev(layer):.0f}" for layer in zip(*vectors, strict=True))
+    spreads = "-".join(f"{statistics.stdev(layer):.{digits}f}" for layer in layers)
     return f"{means} (± {spreads})"
 
 
 def _paper_inside(values: list[float], paper: float) -> str:
-    """Whether the paper's value lies in the 95% interval of our mean (n ≥ 2)."""
-    inside = mean_interval(values).contains(paper) if len(values) >= 2 else None
+    """Whether the paper's value lies in the 95% prediction interval of one more run of
+    ours (n ≥ 2): the paper reports a run, not a mean, and a run of a method that behaves
+    as ours falls outside our mean's interval far more often than 5% of the time."""
+    inside = prediction_interval(values).contains(paper)
     return "–" if inside is None else ("yes" if inside else "no")
+
+
+def _markdown_row(cells: list[str]) -> str:
+    """A markdown table row; a ``|`` inside a cell (as in |W|/|W≠0|) is escaped."""
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
 
 def _cells_of(row: Row, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -421,8 +429,9 @@ def table_markdown(
             if quick
             else ""
         )
-        + "Ours: mean ± sd over the seeds; 'paper in 95% CI': whether the paper's error "
-        "lies in the 95% t-interval of our mean (n ≥ 2).",
+        + "Ours: mean ± sd over the seeds; 'paper in our 95% PI': whether the paper's "
+        "error lies in the 95% prediction interval of one more run of ours, "
+        "m ± t(0.975, n − 1)·s·√(1 + 1/n) (n ≥ 2 seeds).",
         "",
     ]
     extra = {
@@ -435,10 +444,10 @@ def table_markdown(
         "neurons": ["paper neurons", f"{ours} neurons"],
     }.get(spec.metric, [])
     header = [
-        "method", "network", "paper error %", f"{ours} error %", "paper in 95% CI",
+        "method", "network", "paper error %", f"{ours} error %", "paper in our 95% PI",
         *extra, "epochs", "seeds",
     ]  # fmt: skip
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [_markdown_row(header), "|" + "---|" * len(header)]
     for row in spec.rows:
         mine = _cells_of(row, cells)
         if not mine:
@@ -450,19 +459,17 @@ def table_markdown(
         ]  # fmt: skip
         if spec.metric == "compression":
             ratios = [c["compression"]["compression_ratio"] or math.inf for c in mine]
-            sparsity = [
-                [float(v) for v in c["compression"]["sparsity_per_layer"].split("-")] for c in mine
-            ]
+            sparsity = [[layer["sparsity"] for layer in c["compression"]["layers"]] for c in mine]
             values += [
                 row.paper_sparsity or "–",
-                "-".join(f"{statistics.fmean(layer):.1f}" for layer in zip(*sparsity, strict=True)),
+                _per_layer(sparsity, digits=1),
                 f"{row.paper_ratio:g}" if row.paper_ratio else "–",
                 _mean_sd(ratios, digits=1),
             ]
         elif spec.metric == "neurons":
             values += [row.paper_neurons or "–", _per_layer([c["neurons_per_layer"] for c in mine])]
         values += [str(mine[0]["epochs"]), str(len(mine))]
-        lines.append("| " + " | ".join(values) + " |")
+        lines.append(_markdown_row(values))
     lines += _comparisons(spec, cells)
     if skipped:
         lines += ["", "Not run:", *(f"- {s}" for s in skipped)]

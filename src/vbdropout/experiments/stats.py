@@ -1,10 +1,13 @@
 """Seed statistics for the reproduced tables: mean ± sd, 95% intervals, Welch's comparison.
 
 With n seeds of a cell, the 95% interval of its mean is m ± t(0.975, n − 1)·s/√n
-(s the sample standard deviation). Two cells are compared by the difference of their
-means with Welch's interval: d ± t(0.975, ν)·√(s₁²/n₁ + s₂²/n₂), with the
-Welch–Satterthwaite degrees of freedom ν = (s₁²/n₁ + s₂²/n₂)² /
-((s₁²/n₁)²/(n₁ − 1) + (s₂²/n₂)²/(n₂ − 1)).
+(s the sample standard deviation), and the 95% prediction interval of one more run
+m ± t(0.975, n − 1)·s·√(1 + 1/n): the range a further seed falls in 95% of the time,
+against which a single published run is judged. Two cells are compared by the
+difference of their means with Welch's interval: d ± t(0.975, ν)·√(s₁²/n₁ + s₂²/n₂),
+with the Welch–Satterthwaite degrees of freedom ν = (s₁²/n₁ + s₂²/n₂)² /
+((s₁²/n₁)²/(n₁ − 1) + (s₂²/n₂)²/(n₂ − 1)). Values that are not finite (a compression
+ratio of ``inf``) give no interval.
 """
 
 from __future__ import annotations
@@ -14,7 +17,18 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Interval", "mean_interval", "t_quantile_975", "welch_interval"]
+__all__ = [
+    "Interval",
+    "mean_interval",
+    "prediction_interval",
+    "t_quantile_975",
+    "welch_interval",
+]
+
+# t(0.975, ν) for ν above this is the normal quantile to better than 1e−7 relative (the
+# continued fraction of the tail loses precision as ν grows)
+_NORMAL_DF = 1e7
+_NORMAL_975 = 1.959963984540054
 
 
 def _incomplete_beta(x: float, a: float, b: float) -> float:
@@ -55,13 +69,15 @@ def _t_upper_tail(t: float, df: float) -> float:
 
 def t_quantile_975(df: float) -> float:
     """The 97.5% quantile of Student's t with ``df`` > 0 degrees of freedom (any real df,
-    as Welch's is), found by bisection on the tail probability to 1e−10."""
+    as Welch's is), found by bisection on the tail probability to 1e−10 relative."""
     if not df > 0:
         raise ValueError(f"degrees of freedom must be positive, got {df}")
+    if df > _NORMAL_DF:
+        return _NORMAL_975
     low, high = 0.0, 1.0
     while _t_upper_tail(high, df) > 0.025:
         high *= 2
-    while high - low > 1e-10:
+    while high - low > 1e-10 * high:
         middle = 0.5 * (low + high)
         low, high = (middle, high) if _t_upper_tail(middle, df) > 0.025 else (low, middle)
     return 0.5 * (low + high)
@@ -76,25 +92,43 @@ class Interval:
     high: float | None
 
     def contains(self, value: float) -> bool | None:
-        """Whether ``value`` lies in the interval (``None`` when there is none)."""
+        """Whether ``value`` lies in the interval, up to rounding (an interval of equal
+        values holds the value they round to); ``None`` when there is none."""
         if self.low is None or self.high is None:
             return None
-        return self.low <= value <= self.high
+        slack = 1e-9 * max(1.0, abs(value))
+        return self.low - slack <= value <= self.high + slack
 
 
-def mean_interval(values: Sequence[float]) -> Interval:
-    """The mean of ``values`` and its 95% t-interval (none for a single value)."""
+def _finite(values: Sequence[float]) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def _t_interval(values: Sequence[float], scale: float) -> Interval:
+    """m ± t(0.975, n − 1)·s·``scale`` (none for one value or a value not finite)."""
     mean = statistics.fmean(values)
-    if len(values) < 2:
+    if len(values) < 2 or not _finite(values):
         return Interval(mean, None, None)
-    half = t_quantile_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    half = t_quantile_975(len(values) - 1) * statistics.stdev(values) * scale
     return Interval(mean, mean - half, mean + half)
 
 
+def mean_interval(values: Sequence[float]) -> Interval:
+    """The mean of ``values`` and its 95% t-interval, m ± t·s/√n."""
+    return _t_interval(values, 1 / math.sqrt(len(values)))
+
+
+def prediction_interval(values: Sequence[float]) -> Interval:
+    """The mean of ``values`` and the 95% prediction interval of one more value drawn
+    as they were, m ± t·s·√(1 + 1/n)."""
+    return _t_interval(values, math.sqrt(1 + 1 / len(values)))
+
+
 def welch_interval(a: Sequence[float], b: Sequence[float]) -> Interval:
-    """mean(a) − mean(b) with Welch's 95% interval (none unless both have ≥ 2 values)."""
+    """mean(a) − mean(b) with Welch's 95% interval (none unless both have ≥ 2 values,
+    all finite)."""
     difference = statistics.fmean(a) - statistics.fmean(b)
-    if len(a) < 2 or len(b) < 2:
+    if len(a) < 2 or len(b) < 2 or not (_finite(a) and _finite(b)):
         return Interval(difference, None, None)
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     if va + vb == 0:
