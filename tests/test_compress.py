@@ -233,6 +233,17 @@ def test_shrink_terminates_when_a_layer_has_no_weight_left():
     assert torch.allclose(small(x), model(x), atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_shrink_of_a_gpu_model_with_a_bias_free_layer():
+    """A bias-free layer's units are the constant 0 on the model's device."""
+    model = nn.Sequential(nn.Linear(6, 4, bias=False), nn.ReLU(), nn.Linear(4, 2)).cuda()
+    with torch.no_grad():
+        model[0].weight[1].zero_()
+    small = shrink(model)
+    x = torch.randn(5, 6, device="cuda")
+    assert neurons_per_layer(small)[1] == 3 and torch.allclose(small(x), model(x), atol=1e-6)
+
+
 def test_a_registered_exporter_writes_its_file_and_is_reported(tmp_path, monkeypatch):
     """A new export format is one function plus its registration: it gets the shrunk model,
     its file is listed in the report with its size, and a skipped one says why."""

@@ -156,7 +156,26 @@ def test_unknown_threshold_keyword_is_refused():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(TypeError, match="rms_threshold"):
-            check_thresholds({"rms_threshold": 1.0})
+            check_thresholds(nn.Linear(2, 2), {"rms_threshold": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("method", "keyword"),
+    [("sbp", "unit_threshold"), ("pruning", "log_alpha_threshold"), ("none", "unit_threshold"),
+     ("vbd", "unit_threshold"), ("vbd_structured", "log_alpha_threshold")],
+)  # fmt: skip
+def test_a_cut_for_layers_the_model_lacks_is_refused(method, keyword):
+    """A cut that would change nothing is refused by every whole-model function instead
+    of being reported as used; a model's own kind of cut (and "own") is taken."""
+    options = {"dataset_size": 100} if method == "pruning" else None
+    model = build_model("lenet300_100", method, method_options=options)
+    for function in (compression_report, to_deterministic, shrink):
+        with pytest.raises(ValueError, match=f"{keyword} 1.0 cuts no layer of this model"):
+            function(model, **{keyword: 1.0})
+        function(model, **{keyword: "own"})
+    own = {"unit_threshold": "log_alpha_threshold", "log_alpha_threshold": "unit_threshold"}
+    if method.startswith("vbd"):
+        compression_report(model, **{own[keyword]: 1.0})
 
 
 FIXTURES = Path(__file__).parent / "fixtures" / "v0"
@@ -197,3 +216,9 @@ def test_eval_and_compress_take_a_threshold_without_touching_the_run(
     assert main(["eval", str(run), flag, bad]) == 1
     err = capsys.readouterr().err
     assert "log α" in err and len(err.strip().splitlines()) == 1
+    other = "--unit-threshold" if keyword == "log_alpha_threshold" else "--log-alpha-threshold"
+    for command in (["eval", str(run)], ["compress", str(run), "--out", str(tmp_path / "y")]):
+        assert main([*command, other, "1"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cuts no layer of this model" in err[0]
+    assert not (tmp_path / "y").exists()

@@ -51,7 +51,8 @@ class CompressionReport:
     """Per-layer and total weight sparsity of a model."""
 
     layers: tuple[LayerCompression, ...]
-    threshold: float | str | None  # "per-layer" when the layers' own thresholds differ
+    # the log α cut: "per-layer" when the layers' own differ, None without Gaussian layers
+    threshold: float | str | None
 
     @property
     def weights(self) -> int:
@@ -147,7 +148,7 @@ def compression_report(
         )
         log_alpha_threshold = threshold
     thresholds = {"log_alpha_threshold": log_alpha_threshold, "unit_threshold": unit_threshold}
-    check_thresholds(thresholds)
+    check_thresholds(model, thresholds)
     shown = _common_threshold(model) if log_alpha_threshold == "own" else log_alpha_threshold
     if any(isinstance(m, UnitNoise) for m in model.modules()):
         from .shrink import fold_scales
@@ -183,5 +184,9 @@ def compression_report(
 
 
 def _common_threshold(model: nn.Module) -> float | str | None:
+    """The Gaussian-weight layers' own log α cut: one value, ``"per-layer"`` when they
+    differ, ``None`` without such layers."""
     values = {m.threshold for m in model.modules() if isinstance(m, GaussianWeight)}
+    if not values:
+        return None
     return values.pop() if len(values) == 1 else "per-layer"

@@ -188,7 +188,7 @@ def _prune_pair(layers: list[nn.Module], ai: int, bi: int) -> bool:
     groups = _column_groups(b, units)  # (units, out_b, per)
     unread = (groups == 0).flatten(1).all(1)
     unwritten = (a.weight == 0).flatten(1).all(1)
-    constant = a.bias.clone() if a.bias is not None else torch.zeros(units, dtype=a.weight.dtype)
+    constant = a.bias.clone() if a.bias is not None else a.weight.new_zeros(units)
     if any(isinstance(m, nn.ReLU) for m in layers[ai + 1 : bi]):
         constant = constant.clamp_min(0)
     foldable = b.bias is not None and (isinstance(b, nn.Linear) or all(p == 0 for p in b.padding))

@@ -68,7 +68,7 @@ def to_deterministic(
     units (``unit_threshold``) at that log α, ``None`` keeps everything.
     """
     thresholds = {"log_alpha_threshold": log_alpha_threshold, "unit_threshold": unit_threshold}
-    check_thresholds(thresholds)
+    check_thresholds(model, thresholds)
     return _deterministic(model, thresholds)
 
 

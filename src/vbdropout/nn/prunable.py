@@ -88,14 +88,24 @@ def check_unit_threshold(threshold: float | None, name: str = "threshold") -> fl
 _CHECKS = {"log_alpha_threshold": check_log_alpha_threshold, "unit_threshold": check_unit_threshold}
 
 
-def check_thresholds(thresholds: Mapping[str, Threshold]) -> None:
-    """Refuse an unknown keyword or a bad value among whole-model ``thresholds``."""
+def check_thresholds(model: nn.Module, thresholds: Mapping[str, Threshold]) -> None:
+    """Refuse an unknown keyword, a bad value, or a value for a kind of layer ``model``
+    does not have (it would change nothing, while the output said it was used) among
+    whole-model ``thresholds``."""
     unknown = set(thresholds) - set(_CHECKS)
     if unknown:
         raise TypeError(f"unknown threshold keyword(s): {', '.join(sorted(unknown))}")
+    options = {m.threshold_option for m in model.modules() if isinstance(m, Prunable)}
     for name, value in thresholds.items():
-        if value != "own":
-            _CHECKS[name](value, name)  # type: ignore[arg-type]
+        if value == "own":
+            continue
+        _CHECKS[name](value, name)  # type: ignore[arg-type]
+        if name not in options:
+            raise ValueError(
+                f"{name} {value} cuts no layer of this model: none of its layers is cut "
+                f"at a {name} (layers whose mask is learned in training, as pruning's and "
+                "SBP's, keep their own)"
+            )
 
 
 class Prunable:
@@ -170,7 +180,7 @@ def with_thresholds(
     (:func:`~vbdropout.nn.deterministic.to_deterministic`). ``model`` is not changed.
     """
     thresholds = {"log_alpha_threshold": log_alpha_threshold, "unit_threshold": unit_threshold}
-    check_thresholds(thresholds)
+    check_thresholds(model, thresholds)
     copied = copy.deepcopy(model)
     for m in copied.modules():
         if isinstance(m, Prunable) and (cut := threshold_for(m, thresholds)) != "own":
