@@ -173,6 +173,11 @@ def test_warmup_arguments_are_checked():
             KLWarmup(0, 0, kl_scale=bad)
 
 
+def test_a_cut_for_layers_the_model_lacks_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="unit_threshold 0.0 cuts no layer of this model"):
+        _fit(tmp_path, KLWarmup(0, 0, unit_threshold=0.0))
+
+
 def test_kl_scale_weighs_the_kl_as_vbd_train_does(tmp_path):
     """KLWarmup(kl_scale=S) gives the loss N·E[CE]/N + S·β·KL/N at every step, the
     objective of ``vbd train --kl-scale S``."""

@@ -166,13 +166,15 @@ def test_unknown_threshold_keyword_is_refused():
 )  # fmt: skip
 def test_a_cut_for_layers_the_model_lacks_is_refused(method, keyword):
     """A cut that would change nothing is refused by every whole-model function instead
-    of being reported as used; a model's own kind of cut (and "own") is taken."""
+    of being reported as used; "own", None (keep everything: benchmarks/bench_inference's
+    unpruned network) and a model's own kind of cut are taken."""
     options = {"dataset_size": 100} if method == "pruning" else None
     model = build_model("lenet300_100", method, method_options=options)
     for function in (compression_report, to_deterministic, shrink):
         with pytest.raises(ValueError, match=f"{keyword} 1.0 cuts no layer of this model"):
             function(model, **{keyword: 1.0})
         function(model, **{keyword: "own"})
+        function(model, log_alpha_threshold=None, unit_threshold=None)
     own = {"unit_threshold": "log_alpha_threshold", "log_alpha_threshold": "unit_threshold"}
     if method.startswith("vbd"):
         compression_report(model, **{own[keyword]: 1.0})

@@ -56,18 +56,35 @@ def test_every_method_trains_through_the_cli_with_its_own_thresholds(method, tmp
         assert summary["compression"]["compression_ratio"] < 2
 
 
-def test_each_threshold_option_reaches_only_its_own_layers(tmp_path, capsys):
+def test_each_threshold_option_reaches_its_own_layers(tmp_path, capsys):
     args = ("--model", "lenet300_100", "--epochs", "1")
-    _, vbd = _train(
-        tmp_path / "a", capsys, *args, "--method", "vbd", "--log-alpha-threshold", "2",
-        "--unit-threshold", "-1",
-    )  # fmt: skip
+    _, vbd = _train(tmp_path / "a", capsys, *args, "--method", "vbd", "--log-alpha-threshold", "2")
     assert {layer.threshold for layer in _layers(vbd, GaussianWeight)} == {2.0}
     _, structured = _train(
-        tmp_path / "b", capsys, *args, "--method", "vbd_structured", "--log-alpha-threshold",
-        "2", "--unit-threshold", "-1",
-    )  # fmt: skip
+        tmp_path / "b", capsys, *args, "--method", "vbd_structured", "--unit-threshold", "-1"
+    )
     assert {layer.threshold for layer in _layers(structured, StructuredVBD)} == {-1.0}
+
+
+@pytest.mark.parametrize(
+    ("method", "flag", "setting"),
+    [
+        ("vbd", ["--unit-threshold", "-1"], "unit_threshold"),
+        ("vbd_structured", ["--log-alpha-threshold", "2"], "log_alpha_threshold"),
+        ("sbp", ["--unit-threshold", "-1"], "unit_threshold"),
+        ("none", ["--train-clip"], "train_clip"),
+    ],
+)
+def test_a_setting_the_method_does_not_use_is_refused_in_one_line(
+    method, flag, setting, tmp_path, capsys
+):
+    """Recorded in config.toml but unused, it would look as if the run had used it."""
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--method", method, *flag, "--out", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"method {method} does not use {setting}" in err[0]
+    assert not out.exists()
 
 
 def test_a_short_structured_vbd_run_prunes_hidden_units(tmp_path, capsys):

@@ -51,7 +51,7 @@ class CompressionReport:
     """Per-layer and total weight sparsity of a model."""
 
     layers: tuple[LayerCompression, ...]
-    # the log α cut: "per-layer" when the layers' own differ, None without Gaussian layers
+    # the log α cut: "per-layer" when the layers' own differ, None when none applies
     threshold: float | str | None
 
     @property

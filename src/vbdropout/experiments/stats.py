@@ -25,9 +25,11 @@ __all__ = [
     "welch_interval",
 ]
 
-# t(0.975, ν) for ν above this is the normal quantile to better than 1e−7 relative (the
-# continued fraction of the tail loses precision as ν grows)
-_NORMAL_DF = 1e7
+# above _NORMAL_DF, where the continued fraction of the tail loses precision,
+# t(0.975, ν) = z + (z³ + z)/(4ν) + (5z⁵ + 16z³ + 3z)/(96ν²) (Cornish–Fisher; the next
+# term is below 1e−14 there); below _SMALLEST_DF, t² overflows
+_NORMAL_DF = 1e5
+_SMALLEST_DF = 0.05
 _NORMAL_975 = 1.959963984540054
 
 
@@ -68,12 +70,14 @@ def _t_upper_tail(t: float, df: float) -> float:
 
 
 def t_quantile_975(df: float) -> float:
-    """The 97.5% quantile of Student's t with ``df`` > 0 degrees of freedom (any real df,
-    as Welch's is), found by bisection on the tail probability to 1e−10 relative."""
-    if not df > 0:
-        raise ValueError(f"degrees of freedom must be positive, got {df}")
+    """The 97.5% quantile of Student's t with ``df`` ≥ 0.05 degrees of freedom (any real
+    df, as Welch's is, which is at least 1), found by bisection on the tail probability to
+    1e−10 relative."""
+    if not df >= _SMALLEST_DF:
+        raise ValueError(f"degrees of freedom must be at least {_SMALLEST_DF}, got {df}")
     if df > _NORMAL_DF:
-        return _NORMAL_975
+        z = _NORMAL_975
+        return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
     low, high = 0.0, 1.0
     while _t_upper_tail(high, df) > 0.025:
         high *= 2

@@ -36,7 +36,7 @@ from ..compress.report import compression_report
 from ..losses import elbo_terms
 from ..models.methods import Method
 from ..nn.base import StochasticModule, attach_optimizer
-from ..nn.prunable import Threshold
+from ..nn.prunable import Threshold, check_thresholds
 from ..train.schedules import kl_weight as _scheduled_kl_weight
 
 try:
@@ -237,7 +237,19 @@ class KLWarmup(pl.Callback):
                 "the model's layers have epoch schedules (fractions of the run), which need "
                 f"Trainer(max_epochs=...), got max_epochs={trainer.max_epochs!r}"
             )
+        if self.log_compression:  # a cut for layers the model lacks: refused before training
+            check_thresholds(
+                self._reported(pl_module),
+                {
+                    "log_alpha_threshold": self.log_alpha_threshold,
+                    "unit_threshold": self.unit_threshold,
+                },
+            )
         self._handles = [attach_optimizer(pl_module, opt) for opt in trainer.optimizers]
+
+    def _reported(self, pl_module: Any) -> Any:
+        """The module whose compression is logged: ``pl_module`` or its ``module``."""
+        return pl_module if self.module is None else pl_module.get_submodule(self.module)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         for handle in self._handles:
@@ -256,9 +268,10 @@ class KLWarmup(pl.Callback):
             self.method.epoch_end(pl_module, trainer.current_epoch, trainer.max_epochs)
         if not self.log_compression:
             return
-        model = pl_module if self.module is None else pl_module.get_submodule(self.module)
         report = compression_report(
-            model, log_alpha_threshold=self.log_alpha_threshold, unit_threshold=self.unit_threshold
+            self._reported(pl_module),
+            log_alpha_threshold=self.log_alpha_threshold,
+            unit_threshold=self.unit_threshold,
         )
         pl_module.log_dict(
             {

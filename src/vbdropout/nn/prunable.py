@@ -89,7 +89,7 @@ _CHECKS = {"log_alpha_threshold": check_log_alpha_threshold, "unit_threshold": c
 
 
 def check_thresholds(model: nn.Module, thresholds: Mapping[str, Threshold]) -> None:
-    """Refuse an unknown keyword, a bad value, or a value for a kind of layer ``model``
+    """Refuse an unknown keyword, a bad value, or a number for a kind of layer ``model``
     does not have (it would change nothing, while the output said it was used) among
     whole-model ``thresholds``."""
     unknown = set(thresholds) - set(_CHECKS)
@@ -100,11 +100,9 @@ def check_thresholds(model: nn.Module, thresholds: Mapping[str, Threshold]) -> N
         if value == "own":
             continue
         _CHECKS[name](value, name)  # type: ignore[arg-type]
-        if name not in options:
+        if value is not None and name not in options:  # None (keep everything) always holds
             raise ValueError(
-                f"{name} {value} cuts no layer of this model: none of its layers is cut "
-                f"at a {name} (layers whose mask is learned in training, as pruning's and "
-                "SBP's, keep their own)"
+                f"{name} {value} cuts no layer of this model: it has no layer pruned at a {name}"
             )
 
 

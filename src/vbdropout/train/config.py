@@ -159,14 +159,29 @@ def check_types(config: TrainConfig) -> None:
         )
 
 
+# the run settings only some methods use (their run_options), and which
+_METHOD_SETTINGS = {
+    "log_alpha_threshold": "the methods with Gaussian-weight layers (vbd, sparse_vd)",
+    "unit_threshold": "structured VBD and structured sparse VD",
+    "train_clip": "vbd, sparse_vd and the structured ones",
+}
+
+
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """Validate ``config`` and fill the protocol defaults; returns a new config."""
     check_types(config)
     _check(config.model in MODELS, f"unknown model {config.model!r}; known: {', '.join(MODELS)}")
     try:
-        method_class(config.method)
+        takes = method_class(config.method).run_options
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    for f in dataclasses.fields(TrainConfig):  # a setting the method ignores is refused
+        value = getattr(config, f.name)
+        if f.name in _METHOD_SETTINGS and f.name not in takes and value != f.default:
+            raise ConfigError(
+                f"method {config.method} does not use {f.name} (got {value!r}); "
+                f"it is for {_METHOD_SETTINGS[f.name]}"
+            )
     _check(
         config.dataset in DATASETS,
         f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}",
