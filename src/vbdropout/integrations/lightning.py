@@ -69,7 +69,8 @@ class VariationalLightningMixin:
     every :class:`~vbdropout.nn.VariationalModule` of the LightningModule.
 
     Attributes:
-        kl_weight: β of the KL term; 1 (the true ELBO) unless set, e.g. by :class:`KLWarmup`.
+        kl_weight: the weight of the KL term; 1 (the true ELBO) unless set, e.g. by
+            :class:`KLWarmup` (its ``kl_scale`` · β).
         dataset_size: N, the number of training examples. ``None`` (the default) takes
             ``len(trainer.train_dataloader.dataset)`` — set it when the training loader
             is not a single map-style ``DataLoader``, subsamples the data set, or when
