@@ -169,8 +169,7 @@ class KLWarmup(pl.Callback):
     unknown length, β keeps its value at the epoch's start. When fitting starts it hooks
     the model to the trainer's optimizers (:func:`~vbdropout.nn.base.attach_optimizer`:
     pruned weights stay zero through their steps). At the end of every training epoch it
-    runs
-    ``method.epoch_end(pl_module, epoch, trainer.max_epochs)`` (``method``: a
+    runs ``method.epoch_end(pl_module, epoch, trainer.max_epochs)`` (``method``: a
     :class:`~vbdropout.models.methods.Method`, by default the base one, which runs the
     layers' ``on_epoch_end`` hooks as every built-in method does), then logs
     ``{prefix}sparsity`` (percentage of zero weights) and ``{prefix}compression_ratio``
@@ -178,8 +177,9 @@ class KLWarmup(pl.Callback):
     :func:`~vbdropout.compress.compression_report` of the LightningModule — or of its
     submodule named ``module`` (e.g. ``"net"``; needed for structured models, whose
     report folds the network's layers in order) — unless ``log_compression=False``.
-    ``log_alpha_threshold`` and ``unit_threshold`` are passed on to the report
-    (``threshold`` is the former name of ``log_alpha_threshold``, deprecated).
+    ``log_alpha_threshold`` and ``unit_threshold`` are passed on to the report (a number
+    for a kind of layer the module lacks is refused when fitting starts; ``threshold`` is
+    the former name of ``log_alpha_threshold``, deprecated).
     """
 
     def __init__(
