@@ -161,7 +161,7 @@ def check_types(config: TrainConfig) -> None:
 
 # the run settings only some methods use (their run_options), and which
 _METHOD_SETTINGS = {
-    "log_alpha_threshold": "the methods with Gaussian-weight layers (vbd, sparse_vd)",
+    "log_alpha_threshold": "vbd and sparse_vd (their Gaussian-weight layers)",
     "unit_threshold": "structured VBD and structured sparse VD",
     "train_clip": "vbd, sparse_vd and the structured ones",
 }
