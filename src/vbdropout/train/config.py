@@ -14,7 +14,7 @@ from typing import Any
 
 from ..data import DATASETS, INPUT_SCALINGS
 from ..models import MODELS
-from ..models.methods import method_class
+from ..models.methods import METHODS, RUN_OPTIONS, method_class
 from ..nn.prunable import LOG_ALPHA_THRESHOLD, UNIT_THRESHOLD
 from .protocols import PROTOCOLS
 
@@ -159,14 +159,6 @@ def check_types(config: TrainConfig) -> None:
         )
 
 
-# the run settings only some methods use (their run_options), and which
-_METHOD_SETTINGS = {
-    "log_alpha_threshold": "vbd and sparse_vd (their Gaussian-weight layers)",
-    "unit_threshold": "structured VBD and structured sparse VD",
-    "train_clip": "vbd, sparse_vd and the structured ones",
-}
-
-
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """Validate ``config`` and fill the protocol defaults; returns a new config."""
     check_types(config)
@@ -175,12 +167,13 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         takes = method_class(config.method).run_options
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    for f in dataclasses.fields(TrainConfig):  # a setting the method ignores is refused
+    for f in dataclasses.fields(TrainConfig):  # a run setting the method ignores is refused
         value = getattr(config, f.name)
-        if f.name in _METHOD_SETTINGS and f.name not in takes and value != f.default:
+        if f.name in RUN_OPTIONS and f.name not in takes and value != f.default:
+            users = [name for name, cls in METHODS.items() if f.name in cls.run_options]
             raise ConfigError(
                 f"method {config.method} does not use {f.name} (got {value!r}); "
-                f"it is for {_METHOD_SETTINGS[f.name]}"
+                f"it is for {', '.join(users)}"
             )
     _check(
         config.dataset in DATASETS,
