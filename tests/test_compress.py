@@ -1,6 +1,7 @@
 """Shrinking and exporting compressed models gives the same outputs (real MNIST batches)."""
 
 import json
+from importlib.util import find_spec
 
 import pytest
 import torch
@@ -188,6 +189,31 @@ def test_export_files_give_the_same_outputs(tmp_path, mnist_batch):
     assert (tmp_path / "report.md").read_text().startswith("# Compression report")
 
 
+@pytest.mark.parametrize(
+    ("dtype", "build"),  # SBP's truncated normal has no bfloat16 kernels in torch
+    [(torch.float64, structured_lenet5), (torch.bfloat16, sparse_lenet300_100)],
+)
+def test_export_keeps_the_models_precision(dtype, build, tmp_path, mnist_batch):
+    """A model in another precision than float32 is exported and loaded in its own."""
+    x, data = mnist_batch
+    model = build(torch.Generator().manual_seed(4)).eval().to(dtype)
+    x = x[:32].to(dtype)
+    reference = model(x)
+    export_compressed(model, tmp_path, data.input_shape)
+    shrunk = load_shrunk(tmp_path / "shrunk.safetensors")
+    assert all(p.dtype == dtype for p in shrunk.parameters())
+    with open(tmp_path / "shrunk.pt", "rb") as f:
+        program = torch.export.load(f).module()
+    tolerance = 1e-9 if dtype == torch.float64 else 0.1  # bfloat16 keeps 8 bits
+    for exported in (shrunk, program):
+        out = exported(x)
+        assert out.dtype == dtype
+        assert torch.allclose(out.double(), reference.double(), atol=tolerance)
+    if dtype == torch.float64:  # torch's CPU CSR product has no bfloat16 kernel
+        sparse_out = load_sparse(tmp_path / "sparse.safetensors")(x)
+        assert torch.allclose(sparse_out, reference, atol=tolerance)
+
+
 def test_reported_nonzero_counts_equal_the_exported_sparse_tensors(tmp_path, mnist_batch):
     from safetensors.torch import load_file
 
@@ -277,3 +303,45 @@ def test_a_registered_exporter_writes_its_file_and_is_reported(tmp_path, monkeyp
 
     with pytest.raises(RuntimeError, match="bad.bin skipped it"):
         export_compressed(net, tmp_path / "again", (1, 4, 4))
+
+
+def test_a_failed_export_leaves_the_directory_as_it_was(tmp_path, monkeypatch):
+    """Files are renamed into place only when all are written: an exporter failing after
+    others wrote theirs changes nothing in an earlier export and creates no directory;
+    a format skipped this time loses its stale file from before."""
+    from vbdropout.compress import export
+
+    monkeypatch.setattr(export, "EXPORTERS", dict(export.EXPORTERS))  # undone after the test
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    export_compressed(net, tmp_path / "out", (1, 4, 4))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert "shrunk.pt" in before and "report.json" in before
+
+    @export.exporter("broken.bin")
+    def broken(compressed: export.Compressed, path):
+        raise OSError("disk full")
+
+    with torch.no_grad():
+        net[1].weight.mul_(2)  # a different model: every file would change
+    for folder in (tmp_path / "out", tmp_path / "new" / "out"):
+        with pytest.raises(OSError, match="disk full"):
+            export_compressed(net, folder, (1, 4, 4))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert not (tmp_path / "new").exists()
+
+    del export.EXPORTERS["broken.bin"]
+
+    @export.exporter("shrunk.onnx", skippable="onnx")  # replaces the ONNX writer
+    def no_onnx(compressed: export.Compressed, path):
+        return "not written: no onnx this time"
+
+    assert "shrunk.onnx" in before or find_spec("onnx") is None
+    export_compressed(net, tmp_path / "out", (1, 4, 4))
+    after = {p.name for p in (tmp_path / "out").iterdir()}
+    assert after == {
+        "shrunk.pt",
+        "shrunk.safetensors",
+        "sparse.safetensors",
+        "report.json",
+        "report.md",
+    }

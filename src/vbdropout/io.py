@@ -39,6 +39,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "load_checkpoint",
+    "move_into",
     "remove_stale_temp_files",
     "save_checkpoint",
 ]
@@ -156,6 +157,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON with :func:`atomic_write_bytes`."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def move_into(folder: Path, staging: Path, names: Iterable[str]) -> None:
+    """Rename the files ``names`` from ``staging`` (a folder inside ``folder``, so on the
+    same file system) into ``folder``, in the given order, and sync ``folder``. Each rename
+    is atomic: a reader sees either the old file or the new one."""
+    for name in names:
+        os.replace(staging / name, folder / name)
+    _sync_dir(folder)
 
 
 def remove_stale_temp_files(folder: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:

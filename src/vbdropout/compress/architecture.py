@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from importlib.util import find_spec
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..nn.deterministic import InputSelect, to_deterministic
 
 __all__ = [
     "architecture_metadata",
+    "floating_dtype",
     "load_shrunk",
     "read",
     "safetensors_module",
@@ -125,6 +127,12 @@ def read(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str
         return tensors, f.metadata() or {}
 
 
+def floating_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
+    """The dtype of the first floating-point tensor (float32 when there is none): the
+    precision a model computes in, kept by export and loading."""
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+
+
 def architecture_metadata(model: nn.Module, parts: list[str]) -> dict[str, str]:
     """The metadata entries that describe ``model``: the whole of it, or its ``parts``."""
     if parts == [""]:  # the whole model is one plain Sequential
@@ -164,6 +172,6 @@ def load_shrunk(path: str | os.PathLike[str], like: nn.Module | None = None) -> 
     like: for a model exported from custom code, an instance of that model.
     """
     tensors, metadata = read(path)
-    network = skeleton(path, metadata, like)
+    network = skeleton(path, metadata, like).to(floating_dtype(tensors.values()))
     network.load_state_dict(tensors)
     return network.eval()

@@ -27,7 +27,10 @@ the weights of plain Linear and zero-padded, ungrouped Conv2d layers are CSR
 (``<layer>.weight.crow_indices/col_indices/values``, listed in the metadata);
 all other state (other layers, normalization statistics) is stored dense under
 its own key. Before anything is written, the shrunk model is checked to give
-the masked model's outputs on a random input.
+the masked model's outputs on a random input. The files are written into a
+hidden staging folder inside the output directory and renamed into place only
+when all of them are written, the report last: a failed export leaves the
+directory as it was (a killed one may leave its ``.export.*`` folder behind).
 
 Each file is written by one function registered with :func:`exporter` (in
 :data:`EXPORTERS`): a new format is one more such function.
@@ -39,6 +42,7 @@ import copy
 import io
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,10 +53,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..io import atomic_path, atomic_write_bytes, atomic_write_json
+from ..io import atomic_path, atomic_write_bytes, atomic_write_json, move_into
 from ..nn.deterministic import to_deterministic
 from ..nn.prunable import Threshold
-from .architecture import architecture_metadata, load_shrunk, safetensors_module
+from .architecture import (
+    architecture_metadata,
+    floating_dtype,
+    load_shrunk,
+    safetensors_module,
+)
 from .report import CompressionReport, compression_report
 from .shrink import fold_scales_with_parts, neurons_per_layer, shrink_with_parts
 from .sparse import csr_layers, load_sparse, sparse_tensors
@@ -82,8 +91,10 @@ class Compressed:
 
     @property
     def example(self) -> Tensor:
-        """A batch of two zero inputs, for tracing."""
-        return torch.zeros(2, *self.input_shape)
+        """A batch of two zero inputs in the model's precision, for tracing."""
+        return torch.zeros(
+            2, *self.input_shape, dtype=floating_dtype(self.small.state_dict().values())
+        )
 
 
 # Writes one export file to the given path; returns None, or why it was not written.
@@ -148,7 +159,6 @@ def _write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[st
 def _write_onnx(c: Compressed, path: Path) -> str | None:
     """The shrunk network as ONNX; returns why not when onnx is missing or cannot express it."""
     if find_spec("onnx") is None:
-        path.unlink(missing_ok=True)  # never leave a stale file from an earlier export
         return 'not written: pip install "vbdropout[export]" for ONNX'
     try:
         with atomic_path(path) as tmp, warnings.catch_warnings():
@@ -163,7 +173,6 @@ def _write_onnx(c: Compressed, path: Path) -> str | None:
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             )
     except Exception as err:  # the exporter raises many types for unsupported operators
-        path.unlink(missing_ok=True)  # never leave a stale file from an earlier export
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         warnings.warn(f"shrunk.onnx not written: {first_line}", stacklevel=3)
         return f"not written: {first_line}"
@@ -188,7 +197,8 @@ def macs(network: nn.Module, input_shape: tuple[int, ...]) -> int:
         if isinstance(m, (nn.Linear, nn.Conv2d))
     ]
     try:
-        network.eval()(torch.zeros(1, *input_shape))
+        dtype = floating_dtype(network.state_dict().values())
+        network.eval()(torch.zeros(1, *input_shape, dtype=dtype))
     finally:
         for h in handles:
             h.remove()
@@ -197,9 +207,14 @@ def macs(network: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 @torch.no_grad()
 def _check_same_function(model: nn.Module, small: nn.Module, input_shape: tuple[int, ...]) -> None:
-    """Refuse to export a shrunk model whose outputs differ from the masked model's."""
-    x = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(0))
-    reference, got = model(x), small(x)
+    """Refuse to export a shrunk model whose outputs differ from the masked model's.
+
+    Both are compared in float64 (on copies), so that the check is of the shrink rules
+    whatever precision the model computes in."""
+    x = torch.randn(
+        4, *input_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    reference, got = copy.deepcopy(model).double()(x), copy.deepcopy(small).double()(x)
     scale = 1.0 + float(reference.abs().max())
     if got.shape != reference.shape or not torch.allclose(got, reference, atol=1e-4 * scale):
         raise ValueError(
@@ -229,20 +244,44 @@ def export_compressed(
     out = Path(out_dir)
     thresholds = {"log_alpha_threshold": log_alpha_threshold, "unit_threshold": unit_threshold}
     compressed = _compress(model, input_shape, thresholds)
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=out, prefix=".export.") as staging:
+            report = _write_files(compressed, Path(staging), mean, std, source)
+            move_into(out, Path(staging), report["files"])
+            for name in EXPORTERS.keys() - report["files"].keys():
+                (out / name).unlink(missing_ok=True)  # never leave a stale file from before
+            move_into(out, Path(staging), ["report.md", "report.json"])
+    except BaseException:
+        for folder in created:
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+    return report
+
+
+def _write_files(
+    c: Compressed,
+    folder: Path,
+    mean: tuple[float, ...] | None,
+    std: tuple[float, ...] | None,
+    source: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Write every export file and the report into ``folder``; returns the report."""
     files: dict[str, int] = {}
     skipped: dict[str, str] = {}  # the skippable files not written: why
     for name, export in EXPORTERS.items():
-        why = export.write(compressed, out / name)
+        why = export.write(c, folder / name)
         if why is None:
-            files[name] = (out / name).stat().st_size
+            files[name] = (folder / name).stat().st_size
         elif export.skippable is None:
             raise RuntimeError(f"the writer of {name} skipped it ({why}) but may not skip it")
         else:
             skipped[export.skippable] = why
-    report = _report(compressed, mean, std, source) | {"files": files, **skipped}
-    atomic_write_json(out / "report.json", report)
-    atomic_write_bytes(out / "report.md", format_report(report).encode())
+    report = _report(c, mean, std, source) | {"files": files, **skipped}
+    atomic_write_json(folder / "report.json", report)
+    atomic_write_bytes(folder / "report.md", format_report(report).encode())
     return report
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.geometry import is_plain_conv
-from .architecture import read, set_submodule, skeleton, spec
+from .architecture import floating_dtype, read, set_submodule, skeleton, spec
 
 __all__ = ["SparseConv2d", "SparseLinear", "csr_layers", "load_sparse", "sparse_tensors"]
 
@@ -89,12 +89,13 @@ def sparse_tensors(network: nn.Module, csr_layers: list[str]) -> dict[str, Tenso
 
 
 def load_sparse(path: str | os.PathLike[str], like: nn.Module | None = None) -> nn.Module:
-    """A network running sparse (CSR) inference from ``sparse.safetensors``.
+    """A network running sparse (CSR) inference from ``sparse.safetensors``, in the
+    file's precision (torch's CPU CSR product has no bfloat16 or float16 kernel).
 
     like: for a model exported from custom code, an instance of that model.
     """
     tensors, metadata = read(path)
-    network = skeleton(path, metadata, like)
+    network = skeleton(path, metadata, like).to(floating_dtype(tensors.values()))
     for name in json.loads(metadata.get("csr_layers", "[]")):
         module = network.get_submodule(name)
         if type(module) not in (nn.Linear, nn.Conv2d):
