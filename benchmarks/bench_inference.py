@@ -47,7 +47,8 @@ def timed(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
 
 
 def bench_run(run: str, rounds: int) -> dict[str, dict[str, float]]:
-    model, data, config = load_run(run)
+    trained = load_run(run)
+    model, data, config = trained.model, trained.data, trained.config
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         export_compressed(model, tmp, data.input_shape, data.mean, data.std)

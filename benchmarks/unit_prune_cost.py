@@ -85,7 +85,8 @@ def main() -> None:
     parser.add_argument("--units", type=int, help="per layer, the K kept units nearest to pruning")
     parser.add_argument("--out", help="write every unit's numbers here (JSON)")
     args = parser.parse_args()
-    model, data, _ = load_run(args.run, args.data_dir)
+    trained = load_run(args.run, args.data_dir)
+    model, data = trained.model, trained.data
     costs = unit_costs(model, data.train_x, data.train_y, args.units)
     for name, rows in costs.items():
         cost = torch.tensor([r["cost"] for r in rows])

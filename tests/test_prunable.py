@@ -202,7 +202,8 @@ def test_eval_and_compress_take_a_threshold_without_touching_the_run(
     pytest.importorskip("safetensors")
     run = Path(shutil.copytree(FIXTURES / method, tmp_path / method))
     checkpoint = (run / "checkpoint.pt").read_bytes()
-    model, data, _ = load_run(run)
+    trained = load_run(run)
+    model, data = trained.model, trained.data
     expected = evaluate(to_deterministic(model, **{keyword: cut}), data.test_x, data.test_y)
     own = _json_of(capsys, ["eval", str(run), "--json"])
     at_cut = _json_of(capsys, ["eval", str(run), flag, str(cut), "--mc-samples", "2", "--json"])

@@ -26,6 +26,35 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert namespace["report"]["shrunk_parts"] == "whole model"
 
 
+def test_readme_lightning_example_runs(tmp_path, monkeypatch):
+    """The Lightning block as written, on the previous block's ``net``, with small loaders
+    and 2 epochs instead of 200 (the only change)."""
+    pytest.importorskip("lightning")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    monkeypatch.chdir(tmp_path)  # Lightning writes its logs here
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    lightning = next(b for b in blocks if "import lightning" in b)
+    assert "max_epochs=200" in lightning
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 3, 32, 32, generator=generator), torch.arange(64) % 10)
+    namespace: dict = {
+        "net": torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(8, 10),
+        ),
+        "train_loader": DataLoader(data, batch_size=16),
+        "val_loader": DataLoader(data, batch_size=32),
+    }
+    source = lightning.replace("max_epochs=200", "max_epochs=2, enable_progress_bar=False")
+    exec(compile(source, str(README), "exec"), namespace)
+    logged = namespace["trainer"].callback_metrics
+    assert {"train/nll", "train/kl", "val/error", "sparsity", "compression_ratio"} <= set(logged)
+
+
 def test_demo_json_fields_and_picture(tmp_path, capsys):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")

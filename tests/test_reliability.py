@@ -642,7 +642,7 @@ def test_a_run_checked_once_per_epoch_keeps_its_last_good_checkpoint(
 def test_trained_log_alpha_and_sigma2_stay_in_their_ranges(
     reference: Callable[[], Path], shared_data: Path
 ) -> None:
-    model, _, _ = load_run(reference(), str(shared_data))
+    model = load_run(reference(), str(shared_data)).model
     layers = [m for m in model.modules() if isinstance(m, LinearVBD)]
     assert len(layers) == 3
     for layer in layers:

@@ -624,3 +624,170 @@ def test_an_unexpected_error_type_is_one_line_unless_debugging(
     monkeypatch.setenv("VBD_DEBUG", "1")
     with pytest.raises(KeyError, match="boom"):
         main(["eval", "somewhere"])
+
+
+# ---------------------------------------------------------------- 11. first use (2026-12-08)
+
+
+@pytest.mark.parametrize("folder", ["new", "users"])
+def test_a_run_failing_before_its_first_file_leaves_its_out_as_it_was(
+    folder: str, tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad ``--init`` fails after the directory was claimed: the marker goes again, so a
+    user's folder trained into with ``--force`` does not stay a run directory, and a new
+    ``--out`` (with its new parent) is not left behind."""
+    out = tmp_path / "parent" / "run" if folder == "new" else tmp_path / "users"
+    if folder == "users":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine\n")
+    before = snapshot(tmp_path)
+    force = ("--force",) if folder == "users" else ()
+    assert main(argv(out, shared_data, "--init", str(tmp_path / "nope.pt"), *force)) == 1
+    one_line_error(capsys, "nope.pt")
+    assert snapshot(tmp_path) == before and not (tmp_path / "parent").exists()
+    if folder == "users":  # still not one of ours: refused without --force
+        assert main(argv(out, shared_data)) == 1
+        one_line_error(capsys, "is not empty", "--force")
+
+
+def test_replicas_refuse_a_folder_holding_other_files_or_a_run(
+    tmp_path: Path, shared_data: Path, finished_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    group = tmp_path / "group"
+    group.mkdir()
+    (group / "notes.txt").write_text("mine\n")
+    before = snapshot(tmp_path)
+    assert main(argv(group, shared_data, "--replicas", "2", "--compile", "off")) == 1
+    one_line_error(capsys, "is not empty (notes.txt)", "--force")
+    assert main(argv(finished_run, shared_data, "--replicas", "2", "--compile", "off")) == 1
+    one_line_error(capsys, "is a run directory", "OUT/seedN")
+    assert snapshot(tmp_path) == before
+    assert main(argv(group, shared_data, "--replicas", "2", "--compile", "off", "--force")) == 0
+    assert (group / "seed0" / "summary.json").is_file() and (group / "notes.txt").is_file()
+
+
+@pytest.mark.parametrize("replicas", [(), ("--replicas", "2")], ids=["run", "replicas"])
+def test_resume_with_no_run_to_resume_is_refused(
+    replicas: tuple[str, ...],
+    tmp_path: Path,
+    shared_data: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A mistyped ``--out`` with ``--resume`` would start a new (200-epoch) run."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (tmp_path / "typo", empty):
+        assert main(argv(out, shared_data, "--resume", *replicas)) == 1
+        one_line_error(capsys, "nothing to resume", str(out), "leave out --resume")
+    assert not (tmp_path / "typo").exists() and not any(empty.iterdir())
+
+
+def test_a_warmup_outlasting_the_run_is_a_warning(
+    tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """β never reached 1 (here: never left 0): the model is not the method's. A method
+    without a KL has nothing to warn about; a resume to the warm-up's end clears it."""
+    out = tmp_path / "run"
+    warm = ["--kl-warmup", "2", "4", "--json"]
+    assert main([*argv(out, shared_data), *warm]) == 0
+    (warning,) = json.loads(capsys.readouterr().out.splitlines()[-1])["warnings"]
+    assert "before its KL warm-up (epochs 2 to 4)" in warning and "stayed 0" in warning
+    assert "--resume --epochs 4" in warning
+    assert main([*argv(out, shared_data, "--resume", epochs=3), *warm]) == 0
+    (warning,) = json.loads(capsys.readouterr().out.splitlines()[-1])["warnings"]
+    assert "reached 0.25 of 1" in warning  # β of the last step, at 2.5 epochs
+    assert main([*argv(out, shared_data, "--resume", epochs=4), *warm]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["warnings"] == []
+    plain = tmp_path / "plain"
+    assert main([*argv(plain, shared_data, "--method", "none"), *warm]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["warnings"] == []
+
+
+def test_eval_and_compress_of_an_unfinished_run_say_so(
+    tmp_path: Path, finished_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run stopped at epoch 1 of 3 (as a kill leaves it): both commands work and warn;
+    the export's report records how far the run got."""
+    config = {**load_checkpoint(finished_run)["config"], "epochs": 3}
+    out = crafted(tmp_path, finished_run, config=config)
+    assert main(["eval", str(out), "--device", "cpu", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.splitlines()[-1])
+    assert (result["epochs_done"], result["epochs"]) == (1, 3)
+    (warning,) = result["warnings"]
+    assert "stopped after epoch 1 of 3" in warning and warning in captured.err
+    export = tmp_path / "export"
+    assert main(["compress", str(out), "--out", str(export), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.splitlines()[-1])["warnings"] == [warning]
+    source = json.loads((export / "report.json").read_text())["source"]
+    assert (source["epochs_done"], source["epochs"]) == (1, 3)
+    assert main(["eval", str(finished_run), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["warnings"] == []
+
+
+def test_a_cut_pruning_everything_is_a_warning(
+    tmp_path: Path, finished_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    export = tmp_path / "export"
+    cut = ["--log-alpha-threshold", "-8", "--json"]
+    assert main(["compress", str(finished_run), "--out", str(export), *cut]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert report["compression_ratio"] is None
+    assert report["warnings"] == [
+        "every weight is pruned at these cuts: the network's output is constant"
+    ]
+    assert main(["eval", str(finished_run), "--device", "cpu", *cut]) == 0
+    (warning,) = json.loads(capsys.readouterr().out.splitlines()[-1])["warnings"]
+    assert "near chance" in warning
+
+
+@pytest.mark.parametrize(
+    "only, message",
+    [("[", "is not a regular expression"), ("nomatch", "matches no row of table4")],
+)
+def test_reproduce_only_that_selects_nothing_is_one_line(
+    only: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["reproduce", "table4", "--only", only, "--out", str(tmp_path / "r")]) == 1
+    one_line_error(capsys, message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_demo_refuses_a_bad_picture_path_or_warmup_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("sklearn")
+    (tmp_path / "afile").write_text("")
+    short = ["demo", "--pretrain-epochs", "1", "--epochs", "2"]
+    for extra, message in [
+        (["--plot", str(tmp_path / "afile" / "x.png")], "afile is a file, not a folder"),
+        (["--plot", str(tmp_path)], "is a folder; give a file name"),
+        (["--kl-warmup", "3", "--plot", str(tmp_path / "x.png")], "kl_warmup must be in [1, "),
+    ]:
+        started = time.perf_counter()
+        assert main([*short, *extra]) == 1
+        one_line_error(capsys, message)
+        assert time.perf_counter() - started < 5, "refused before training"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_a_negative_seed_is_an_argument_error(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--seed", "-1"])
+    assert exit_info.value.code == 2
+    one_line_error(capsys, "--seed: expected an integer >= 0, got -1")
+
+
+def test_download_of_a_packaged_data_set_names_no_folder(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("sklearn")
+    assert main(["download", "digits", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {
+        "dataset": "digits",
+        "folder": None,
+    }

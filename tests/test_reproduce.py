@@ -141,7 +141,8 @@ def test_table5_vd_row_is_weight_level_sparse_vd_counted_in_whole_units(
     cells_dir = tmp_path / "table5-custom-e1-n1000" / "cells"
     cell = json.loads((cells_dir / "lenet500_300-sparse_vd-vd" / "seed0.json").read_text())
     assert cell["method"] == "sparse_vd" and cell["test_error"] == vd["test_error"]
-    model, _, config = load_run(cell["run_dir"])
+    trained = load_run(cell["run_dir"])
+    model, config = trained.model, trained.config
     assert (config.input_scaling, tuple(config.kl_warmup)) == ("unit", (0, 0))
     assert config.init is not None and "none-original" in config.init
     layers = [m for m in model.modules() if isinstance(m, GaussianWeight)]

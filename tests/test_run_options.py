@@ -31,7 +31,7 @@ def _train(tmp_path, capsys, *args: str) -> tuple[dict, torch.nn.Module]:
     argv = ["train", "--dataset", "digits", "--out", str(out), "--json", *args]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    model, _, _ = load_run(out)
+    model = load_run(out).model
     return summary, model
 
 

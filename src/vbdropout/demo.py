@@ -24,6 +24,7 @@ layer and the 8×8 mask of the input pixels that the first layer still reads.
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from torch import nn
 
 from .compress import compression_report
 from .data import Dataset, load_dataset
+from .io import atomic_write_bytes
 from .models import Method, build_model, get_method
 from .nn.base import attach_optimizer
 from .nn.gaussian import GaussianWeight
@@ -40,7 +42,7 @@ from .train.loop import evaluate, make_adam, train_epoch
 from .train.progress import ProgressBar
 from .train.schedules import kl_weight, lr_factor
 
-__all__ = ["format_demo", "plot_demo", "run_demo"]
+__all__ = ["check_plot_path", "format_demo", "plot_demo", "run_demo"]
 
 
 def _fit(
@@ -91,6 +93,10 @@ def run_demo(
     Returns the JSON fields of ``vbd demo --json`` (docs/JSON.md) plus ``report``
     (the :class:`~vbdropout.compress.CompressionReport`) and ``model_object`` (the VBD network).
     """
+    if kl_warmup is not None and not 0 < kl_warmup <= epochs:
+        raise ValueError(
+            f"kl_warmup must be in [1, epochs = {epochs}] (β reaches 1 at its end), got {kl_warmup}"
+        )
     torch.set_flush_denormal(True)  # as `vbd train` does (see train.trainer.train)
     data = load_dataset("digits")
     start = time.perf_counter()
@@ -180,12 +186,26 @@ def plot_demo(results: dict[str, Any], path: str | Path) -> Path:
     )
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
+    check_plot_path(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, png.getvalue())
     return path
+
+
+def check_plot_path(path: Path) -> None:
+    """Refuse a picture path that cannot be written as a file (checked before training)."""
+    if not path.name or path.is_dir():
+        raise ValueError(
+            f"--plot {path} is a folder; give a file name, e.g. {path / 'vbd-demo.png'}"
+        )
+    for folder in path.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"--plot {path}: {folder} is a file, not a folder")
+            break
 
 
 def format_demo(results: dict[str, Any]) -> str:

@@ -59,7 +59,7 @@ def add_demo_parser(sub: Any) -> None:
         "(default: all of --epochs)",
     )
     demo.add_argument(
-        "--seed", type=int, default=0, help="seed of weights, noise and order (default 0)"
+        "--seed", type=count, default=0, help="seed of weights, noise and order (default 0)"
     )
     demo.add_argument(
         "--lr",
@@ -80,8 +80,9 @@ def add_demo_parser(sub: Any) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from ..demo import format_demo, plot_demo, run_demo
+    from ..demo import check_plot_path, format_demo, plot_demo, run_demo
 
+    check_plot_path(Path(args.plot))
     results = run_demo(
         epochs=args.epochs,
         pretrain_epochs=args.pretrain_epochs,
@@ -121,16 +122,18 @@ def add_download_parser(sub: Any) -> None:
 
 
 def _cmd_download(args: argparse.Namespace) -> dict[str, Any]:
-    from ..data import load_dataset, resolve_data_dir
+    from ..data import PACKAGED, load_dataset, resolve_data_dir
 
     data = load_dataset(args.dataset, args.data_dir, download=True)
-    folder = resolve_data_dir(args.data_dir) / args.dataset
+    packaged = args.dataset in PACKAGED
+    folder = None if packaged else resolve_data_dir(args.data_dir) / args.dataset
     if not args.json:
+        where = "in scikit-learn (no files)" if packaged else f"in {folder}"
         print(
             f"{args.dataset}: {data.train_x.shape[0]} training and "
-            f"{data.test_x.shape[0]} test examples, checked, in {folder}"
+            f"{data.test_x.shape[0]} test examples, checked, {where}"
         )
-    return {"dataset": args.dataset, "folder": str(folder)}
+    return {"dataset": args.dataset, "folder": None if folder is None else str(folder)}
 
 
 def add_eval_parser(sub: Any) -> None:
@@ -157,6 +160,8 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     result = evaluate_run(
         args.run, args.mc_samples, args.data_dir, args.device, **thresholds_of(args)
     )
+    for warning in result["warnings"]:
+        print(f"vbd eval: warning: {warning}", file=sys.stderr)
     if not args.json:
         lines = [f"{result['model']}/{result['method']} on {result['dataset']}"]
         lines.append(
@@ -214,13 +219,27 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         model = load_custom_model(args.run, args.factory)
         source = {"checkpoint": str(args.run), "factory": args.factory}
         shape, mean, std = args.input_shape, args.mean, args.std
+        warnings: list[str] = []
     else:
         if any(v is not None for v in (args.input_shape, args.mean, args.std)):
             raise ValueError("--input-shape, --mean and --std go with --factory (a run knows them)")
-        model, data, config = load_run(args.run, args.data_dir)
-        source = {"run": str(args.run), "model": config.model, "method": config.method}
+        run = load_run(args.run, args.data_dir)
+        model, data, config = run.model, run.data, run.config
+        source = {
+            "run": str(args.run),
+            "model": config.model,
+            "method": config.method,
+            "epochs": config.epochs,
+            "epochs_done": run.epochs_done,
+        }
         shape, mean, std = data.input_shape, data.mean, data.std
+        warnings = run.warnings()
     report = export_compressed(model, args.out, shape, mean, std, source, **thresholds_of(args))
+    if report["compression_ratio"] is None:
+        warnings.append("every weight is pruned at these cuts: the network's output is constant")
+    for warning in warnings:
+        print(f"vbd compress: warning: {warning}", file=sys.stderr)
+    report = report | {"warnings": warnings}
     if not args.json:
         print(format_report(report), end="")
         print(f"files written to {args.out}")

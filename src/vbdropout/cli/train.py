@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from .options import method_name, positive_float, positive_int
+from .options import count, method_name, positive_float, positive_int
 
 __all__ = ["add_train_parser", "method_list", "train_fields"]
 
@@ -32,6 +32,7 @@ def method_list(methods: dict[str, Any]) -> str:
 
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     from ..train import TrainConfig, load_config, train
+    from ..train.rundir import check_resumable
 
     fields = train_fields()
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -51,6 +52,8 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
         return _train_replicas(args, config)
     if config.out == TrainConfig.out:
         config.out = f"runs/{config.model}-{config.method}-{config.dataset}-seed{config.seed}"
+    if args.resume:
+        check_resumable(Path(config.out))
     summary = train(config, resume=args.resume, progress=not args.json, force=args.force)
     if not summary:  # a torchrun worker other than rank 0: rank 0 reports
         return None
@@ -74,12 +77,16 @@ def _first_seed(group: Path) -> int:
 def _train_replicas(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     """``vbd train --replicas K``: the K runs, one line (or summary) each."""
     from ..train import TrainConfig, replica_configs, train_replicas
+    from ..train.rundir import check_replica_folder, check_resumable
 
     if config.out == TrainConfig.out:
         last = config.seed + args.replicas - 1
         config.out = (
             f"runs/{config.model}-{config.method}-{config.dataset}-seeds{config.seed}-{last}"
         )
+    check_replica_folder(Path(config.out), args.force)
+    if args.resume:
+        check_resumable(Path(config.out), replicas=True)
     summaries = train_replicas(
         replica_configs(config, args.replicas),
         resume=args.resume,
@@ -218,7 +225,9 @@ def add_train_parser(sub: Any) -> None:
         action="store_true",
         help="continue the run in --out with its saved config (default: off)",
     )
-    run.add_argument("--seed", type=int, help="random seed of weights, noise and order (default 0)")
+    run.add_argument(
+        "--seed", type=count, help="random seed of weights, noise and order (default 0)"
+    )
     run.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],

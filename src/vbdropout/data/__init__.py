@@ -13,12 +13,13 @@ download or by extracting the CIFAR-10 archive, always atomically.
 from ._files import DATA_DIR_ENV, DataError, resolve_data_dir
 from .batches import iterate_batches
 from .dataset import INPUT_SCALINGS, Dataset
-from .registry import DATASETS, load_dataset
+from .registry import DATASETS, PACKAGED, load_dataset
 
 __all__ = [
     "DATASETS",
     "DATA_DIR_ENV",
     "INPUT_SCALINGS",
+    "PACKAGED",
     "DataError",
     "Dataset",
     "iterate_batches",

@@ -23,6 +23,8 @@ DATASETS: dict[str, Reader] = {
     "svhn": svhn.read,
     "digits": digits.read,
 }
+# The data sets that come with a Python package (scikit-learn), not as files in a data dir.
+PACKAGED = frozenset({"digits"})
 
 
 def load_dataset(

@@ -76,7 +76,7 @@ def _log_alpha_histograms(cell: dict[str, Any], path: Path, data_dir: str | None
 
     if not (Path(cell["run_dir"]) / "checkpoint.pt").is_file():
         return False
-    model, _, _ = load_run(cell["run_dir"], data_dir)
+    model = load_run(cell["run_dir"], data_dir).model
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, GaussianWeight)]
     if not layers:
         return False

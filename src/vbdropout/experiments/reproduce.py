@@ -123,7 +123,7 @@ class _CellRunner:
             summary = train(
                 config, resume=(run_dir / "checkpoint.pt").exists(), progress=self.progress
             )
-            model, _, _ = load_run(run_dir, self.data_dir)
+            model = load_run(run_dir, self.data_dir).model
         else:
             parent = next(
                 r
@@ -194,7 +194,8 @@ def _reevaluate(
     from ..train.runs import load_run
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    model, data, _ = load_run(run_dir, data_dir)
+    run = load_run(run_dir, data_dir)
+    model, data = run.model, run.data
     pruned = to_deterministic(model, log_alpha_threshold=threshold)
     test = evaluate(pruned, data.test_x, data.test_y)
     report = compression_report(model, log_alpha_threshold=threshold)
@@ -266,7 +267,10 @@ def reproduce(
         raise ValueError(f"seeds must name at least one seed >= 0, got {seeds}")
     check_executor(executor, address, workers)
     together = _use_replicas(replicas, executor, device)
-    pattern = re.compile(only, re.IGNORECASE) if only else None
+    try:
+        pattern = re.compile(only, re.IGNORECASE) if only else None
+    except re.error as err:
+        raise ValueError(f"only: {only!r} is not a regular expression ({err})") from None
     out = Path(out)
     base = _cell_dir(out, table, budget).resolve()  # absolute: also a Ray worker's path
     slots: list[dict[str, Any] | None] = []  # a finished cell, or None: computed by a job
@@ -274,11 +278,22 @@ def reproduce(
     pending: dict[tuple[str, str, int], int] = {}  # (label, model, seed) -> its job's index
     skipped: list[str] = []
     columns = spec.budgets[budget].columns
-    for row in spec.rows:
-        if pattern and not pattern.search(f"{row.label} {row.method} {row.model} {row.column}"):
-            continue
-        if columns is not None and row.column not in columns:
-            continue
+    chosen = [
+        row
+        for row in spec.rows
+        if (columns is None or row.column in columns)
+        and (
+            pattern is None or pattern.search(f"{row.label} {row.method} {row.model} {row.column}")
+        )
+    ]
+    if not chosen:
+        first = spec.rows[0]
+        raise ValueError(
+            f"only: {only!r} matches no row of {table} at the {budget} budget (each row is "
+            f"matched as 'label method model column', e.g. '{first.label} {first.method} "
+            f"{first.model} {first.column}')"
+        )
+    for row in chosen:
         if row.method not in METHODS:
             skipped.append(f"{row.label} ({row.method}): method not implemented yet")
             continue

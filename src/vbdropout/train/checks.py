@@ -1,5 +1,6 @@
 """Signs that a run went wrong without diverging: a method's end-of-run step that breaks
-the network (then undone), a final training NLL far off, a test error near chance."""
+the network (then undone), a final training NLL far off, a test error near chance, a KL
+warm-up that outlasted the run."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ..models.methods import Method
 from .config import TrainConfig
 from .loop import evaluate
 
-__all__ = ["final_epoch_end", "run_warnings"]
+__all__ = ["chance_warning", "final_epoch_end", "run_warnings", "warmup_warning"]
 
 
 @torch.no_grad()
@@ -86,9 +87,35 @@ def run_warnings(history: list[dict[str, Any]], test_error: float, classes: int)
                 f"the final training NLL {last:.4g} is far above that of a uniform guess "
                 f"({math.log(classes):.3g}): training went wrong (learning rate too large?)"
             )
-    if test_error >= 1 - 2 / classes:
-        found.append(
-            f"test error {100 * test_error:.1f}% is near chance ({100 * (1 - 1 / classes):.0f}% "
-            f"for {classes} classes): the network is not working"
-        )
-    return found
+    return found + chance_warning(test_error, classes)
+
+
+def chance_warning(test_error: float, classes: int) -> list[str]:
+    """A test error near chance (≥ 1 − 2/classes): the network is not working."""
+    if test_error < 1 - 2 / classes:
+        return []
+    return [
+        f"test error {100 * test_error:.1f}% is near chance ({100 * (1 - 1 / classes):.0f}% "
+        f"for {classes} classes): the network is not working"
+    ]
+
+
+def warmup_warning(config: TrainConfig, history: list[dict[str, Any]]) -> list[str]:
+    """A run with a KL term that ended before its warm-up did: its last β (``kl_weight``
+    over ``kl_scale``) below 1, so it was not trained to the ELBO (β = 0 throughout: by its
+    likelihood alone). A run may be stopped early on purpose and continued with
+    ``--resume --epochs``: a warning, not an error."""
+    start, end = config.kl_warmup
+    if not history or end <= config.epochs or not any(row["kl"] > 0 for row in history):
+        return []
+    beta = history[-1]["kl_weight"] / config.kl_scale
+    reached = (
+        "stayed 0 (no KL: trained by the likelihood alone)"
+        if beta == 0
+        else (f"reached {beta:.2g} of 1")
+    )
+    return [
+        f"training ended after epoch {config.epochs}, before its KL warm-up (epochs {start} to "
+        f"{end}) did: β {reached}, so the model is not the method's; continue with vbd train "
+        f"--resume --epochs {end} or more"
+    ]

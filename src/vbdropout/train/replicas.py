@@ -334,11 +334,9 @@ def train_replicas(
     for out in outs:  # every refusal before anything is written
         rundir.check_out(out, force)
         holds_run(out, resume)
-    for out in outs:
-        rundir.prepare_out(out, force)
     with ExitStack() as locks:
         for out in outs:
-            locks.enter_context(rundir.run_lock(out))
+            locks.enter_context(rundir.claimed(out, force))
             remove_stale_temp_files(out, rundir.RUN_FILES)
         try:
             return _train_group(configs, device, resume, progress)

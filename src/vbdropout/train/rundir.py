@@ -12,6 +12,7 @@ import fnmatch
 import io
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,10 +33,14 @@ __all__ = [
     "RUN_MARKER",
     "RunLockedError",
     "check_out",
+    "check_replica_folder",
+    "check_resumable",
+    "claimed",
     "log_scalars",
     "prepare_out",
     "run_lock",
     "tensorboard",
+    "unclaim_unused",
     "write_metrics",
 ]
 
@@ -148,8 +153,39 @@ def _why(err: OSError, path: Path) -> str:
     return err.strerror or str(err)
 
 
-def prepare_out(out: Path, force: bool = False) -> None:
-    """Create (or accept) the run directory ``out``, check that it is writable and mark it.
+@contextmanager
+def claimed(out: Path, force: bool = False) -> Iterator[None]:
+    """:func:`prepare_out` and :func:`run_lock` for the block. A block that fails before
+    its run wrote any run file leaves ``out`` as it was (:func:`unclaim_unused`)."""
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]
+    marked, locked = prepare_out(out, force), False
+    try:
+        with run_lock(out):
+            locked = True
+            yield
+    except BaseException:
+        if marked and locked:  # a run refused by the lock leaves the holder's marker
+            unclaim_unused(out, created)
+        raise
+
+
+def unclaim_unused(out: Path, created: list[Path]) -> None:
+    """Undo :func:`prepare_out` for a run that failed before writing any of its
+    :data:`RUN_FILES` (missing data, a bad ``--init``, a model that does not fit the data):
+    remove the marker, then the folders ``created`` for it, deepest first, when empty. A
+    folder that held files before (``--force``) so never becomes a run directory by a
+    failed run."""
+    if any((out / name).exists() for name in RUN_FILES):
+        return
+    (out / RUN_MARKER).unlink(missing_ok=True)
+    for folder in created:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def prepare_out(out: Path, force: bool = False) -> bool:
+    """Create (or accept) the run directory ``out``, check that it is writable and mark it;
+    whether this call marked it (``out`` was not yet one of ours).
 
     Refused: a directory holding files that is not one of our run directories (no
     :data:`RUN_MARKER`, no checkpoint), unless ``force``; and one whose lock or run
@@ -164,8 +200,9 @@ def prepare_out(out: Path, force: bool = False) -> None:
             f"cannot write to output directory {out}: {err.strerror or err}"
         ) from None
     if check_out(out, force):
-        return
+        return False
     atomic_write_bytes(out / RUN_MARKER, b"vbdropout run directory (written by vbd train)\n")
+    return True
 
 
 def check_out(out: Path, force: bool = False) -> bool:
@@ -183,13 +220,49 @@ def check_out(out: Path, force: bool = False) -> bool:
         return True  # ours (a checkpoint: a run of an earlier version, or one to be refused)
     foreign = sorted(p.name for p in out.iterdir() if not _in_the_making(p.name))
     if foreign and not force:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ConfigError(
-            f"{out} is not empty ({shown}) and is not a vbd run directory; choose an empty "
-            f"or new --out, or pass --force to train into it (its {', '.join(RUN_FILES)} "
-            f"and .lock would be replaced)"
+            f"{out} is not empty ({_shown(foreign)}) and is not a vbd run directory; choose an "
+            f"empty or new --out, or pass --force to train into it (its "
+            f"{', '.join(RUN_FILES)} and .lock would be replaced)"
         )
     return False
+
+
+def check_resumable(out: Path, replicas: bool = False) -> None:
+    """Refuse ``--resume`` of an ``out`` that holds no run (none of its ``seedN`` folders,
+    for a replica group): it would start a new one, and a mistyped ``--out`` a long run."""
+    runs = [out / p.name for p in out.glob("seed*")] if replicas else [out]
+    if not any((r / RUN_MARKER).is_file() or (r / "checkpoint.pt").is_file() for r in runs):
+        what = "replica group (no OUT/seedN run directory)" if replicas else "run"
+        raise ConfigError(
+            f"nothing to resume: {out} holds no {what}; leave out --resume to start one"
+        )
+
+
+def check_replica_folder(group: Path, force: bool = False) -> None:
+    """Refuse ``group`` as the folder of a replica group (which holds the replicas' run
+    directories ``seedN``): a run directory itself, or, unless ``force``, a folder holding
+    anything but ``seedN`` folders."""
+    if not group.is_dir():
+        return
+    if (group / RUN_MARKER).is_file() or (group / "checkpoint.pt").is_file():
+        raise ConfigError(
+            f"{group} is a run directory; --replicas trains into OUT/seedN folders: choose a "
+            f"new or empty --out"
+        )
+    foreign = sorted(
+        p.name for p in group.iterdir() if not (p.is_dir() and re.fullmatch(r"seed\d+", p.name))
+    )
+    if foreign and not force:
+        raise ConfigError(
+            f"{group} is not empty ({_shown(foreign)}) and holds no replica group; choose an "
+            f"empty or new --out, or pass --force to put the replicas' seedN folders into it"
+        )
+
+
+def _shown(names: list[str]) -> str:
+    """The first three of ``names``, for a message."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def _in_the_making(name: str) -> bool:

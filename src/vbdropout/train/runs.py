@@ -15,11 +15,13 @@ from ..io import CheckpointError, load_checkpoint
 from ..models import build_model
 from ..models.methods import Method, method_class
 from ..nn.prunable import Threshold, with_thresholds
+from .checks import chance_warning
 from .config import ConfigError, TrainConfig, check_types
 from .loop import evaluate
 from .state import RUN_KEYS, checkpoint_file, load_model_state, saved_config
 
 __all__ = [
+    "TrainedRun",
     "build_run_model",
     "evaluate_run",
     "load_run",
@@ -95,9 +97,31 @@ def run_method(config: TrainConfig, data: Dataset) -> Method:
     return method_class(config.method).from_run(run)
 
 
-def load_run(
-    path: str | os.PathLike[str], data_dir: str | None = None
-) -> tuple[nn.Module, Dataset, TrainConfig]:
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A run directory's (or checkpoint's) trained model, in eval mode, with its data set,
+    its config and the epochs it trained (``None``: not recorded)."""
+
+    model: nn.Module
+    data: Dataset
+    config: TrainConfig
+    epochs_done: int | None
+
+    def warnings(self, test_error: float | None = None) -> list[str]:
+        """Signs that the model is not a finished run's working network: training stopped
+        before its last epoch; a ``test_error`` near chance (≥ 1 − 2/classes)."""
+        found = []
+        if self.epochs_done is not None and self.epochs_done < self.config.epochs:
+            found.append(
+                f"the run stopped after epoch {self.epochs_done} of {self.config.epochs}: "
+                f"this is not its final model (continue it with vbd train --resume)"
+            )
+        if test_error is not None:
+            found += chance_warning(test_error, self.data.num_classes)
+        return found
+
+
+def load_run(path: str | os.PathLike[str], data_dir: str | None = None) -> TrainedRun:
     """The trained model of a run directory or checkpoint, with its dataset and config."""
     state = load_checkpoint(path, required=RUN_KEYS)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -111,7 +135,10 @@ def load_run(
     data = run_data(config)
     model = build_run_model(config, data)
     load_model_state(model, state["model"], checkpoint_file(path))
-    return model.eval(), data, config
+    epochs_done = state.get("epoch")
+    return TrainedRun(
+        model.eval(), data, config, epochs_done if isinstance(epochs_done, int) else None
+    )
 
 
 def evaluate_run(
@@ -130,7 +157,8 @@ def evaluate_run(
     ``mc_test_nll``, ``mc_test_ece``; the thresholds (``"own"``: the run's) say
     where the weights and units are cut (:mod:`~vbdropout.nn.prunable`).
     """
-    model, data, config = load_run(path, data_dir)
+    run = load_run(path, data_dir)
+    model, data, config = run.model, run.data, run.config
     thresholds = {"log_alpha_threshold": log_alpha_threshold, "unit_threshold": unit_threshold}
     if any(value != "own" for value in thresholds.values()):
         model = with_thresholds(model, **thresholds)
@@ -148,7 +176,10 @@ def evaluate_run(
         "model": config.model,
         "method": config.method,
         "dataset": config.dataset,
+        "epochs": config.epochs,
+        "epochs_done": run.epochs_done,
         "mc_samples": mc_samples,
         **thresholds,
         **scores,
+        "warnings": run.warnings(scores["test_error"]),
     }

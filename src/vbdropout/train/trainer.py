@@ -46,7 +46,7 @@ from ..io import (
 from ..models.methods import Method
 from ..nn.base import attach_optimizer
 from . import distributed, rundir
-from .checks import final_epoch_end, run_warnings
+from .checks import final_epoch_end, run_warnings, warmup_warning
 from .compiled import run_objective
 from .config import ConfigError, TrainConfig, resolve_config, to_toml
 from .loop import BatchObjective, DivergenceError, checks_for, evaluate, make_adam, train_epoch
@@ -105,9 +105,16 @@ def train(
     device = resolve_device(config.device)
     torch.set_flush_denormal(True)
     if config.nproc > 1 and "WORLD_SIZE" not in os.environ and not distributed.current().size > 1:
-        rundir.prepare_out(Path(config.out), force)
-        distributed.spawn(config.nproc, device, _train_worker, config, resume)
-        return json.loads((Path(config.out) / "summary.json").read_text())
+        out = Path(config.out)
+        created = [folder for folder in (out, *out.parents) if not folder.exists()]
+        marked = rundir.prepare_out(out, force)
+        try:
+            distributed.spawn(config.nproc, device, _train_worker, config, resume)
+        except BaseException:
+            if marked:  # the workers have exited: no lock is held
+                rundir.unclaim_unused(out, created)
+            raise
+        return json.loads((out / "summary.json").read_text())
     world = distributed.init_from_env(device)
     if world.size > 1:
         config = dataclasses.replace(config, nproc=world.size)
@@ -117,8 +124,7 @@ def train(
     if not world.is_main:
         distributed.barrier()  # rank 0 holds the lock and has prepared the directory
         return _train_locked(config, device, out, resume, progress=False)
-    rundir.prepare_out(out, force)
-    with rundir.run_lock(out):
+    with rundir.claimed(out, force):
         # temp files left by a killed writer; not the marker's: a run starting beside
         # this one writes its marker before it asks for the lock (it is refused then)
         remove_stale_temp_files(out, rundir.RUN_FILES)
@@ -452,5 +458,6 @@ def run_summary(run: Run) -> dict[str, Any]:
         "resume_changes": run.resume_changes,
         "final_step_undone": run.undone,
         "warnings": ([run.undone] if run.undone else [])
-        + run_warnings(run.history, last["test_error"], run.data.num_classes),
+        + run_warnings(run.history, last["test_error"], run.data.num_classes)
+        + warmup_warning(run.config, run.history),
     }
