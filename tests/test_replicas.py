@@ -479,3 +479,54 @@ def test_the_replica_probes_mark_only_the_replicas_with_nan_or_inf():
     assert _replica_probes(None, stacked).tolist() == [0, 0, 0]  # no gradient
     empty = torch.zeros(3, 0, 5)  # a layer without weights
     assert _replica_probes(empty, empty).tolist() == [0, 0, 0]
+
+
+def test_a_group_does_not_undo_a_setting_changed_on_one_replica(tmp_path, shared_data, capsys):
+    """seed1 resumed alone with a smaller lr (the rescue of a diverged replica): resuming
+    the group with seed0's lr would silently undo it; refused unless --lr sets it for all."""
+    out = tmp_path / "g"
+    assert main(cli_args(out, shared_data, "--epochs", "1")) == 0
+    alone = [a for a in cli_args(out / "seed1", shared_data) if a not in ("--replicas", "2")]
+    assert main([*alone, "--resume", "--epochs", "2", "--lr", "5e-4"]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(cli_args(out, shared_data, "--resume", "--epochs", "3")) == 1
+    err = capsys.readouterr().err.strip()
+    assert "their lr differs (seed0 0.001, seed1 0.0005)" in err and "--lr" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main(cli_args(out, shared_data, "--resume", "--epochs", "3", "--lr", "5e-4")) == 0
+
+
+def test_a_cell_of_a_finished_run_keeps_how_its_steps_ran(tmp_path, shared_data, capsys):
+    """A cell whose run the replica group finished records the group's own summary (how its
+    steps ran), and a resume of a finished run, which runs no step, keeps it."""
+    out = tmp_path / "on"
+    assert reproduce_table4(out, shared_data, "--replicas", "on") == 0
+    capsys.readouterr()
+    cell_path = next(out.glob("table4-*/cells/*pruning*/seed1.json"))
+    run_dir = json.loads(cell_path.read_text())["run_dir"]
+    summary_path = tmp_path / "on" / run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["step"] = "compiled (as recorded)"
+    summary_path.write_text(json.dumps(summary))
+    cell_path.unlink()
+    assert reproduce_table4(out, shared_data, "--replicas", "on") == 0
+    assert json.loads(cell_path.read_text())["step"] == "compiled (as recorded)"
+    assert main(["train", "--resume", "--out", run_dir, "--json"]) == 0
+    assert json.loads(summary_path.read_text())["step"] == "compiled (as recorded)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_replicas_share_one_copy_of_the_data_on_the_device(tmp_path, shared_data):
+    seen = []
+    original = ReplicaStack.__init__
+
+    def record(self, runs, *args, **kwargs):
+        seen.append({run.train_x.data_ptr() for run in runs})
+        original(self, runs, *args, **kwargs)
+
+    configs = replica_configs(config(tmp_path, shared_data, device="cuda", epochs=1), 2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ReplicaStack, "__init__", record)
+        train_replicas(configs, progress=False)
+    assert seen and all(len(pointers) == 1 for pointers in seen)

@@ -49,7 +49,7 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     network = {k: getattr(args, k) for k in ("width", "scale") if getattr(args, k) is not None}
     config.network.update(network)
     if args.replicas is not None:
-        return _train_replicas(args, config)
+        return _train_replicas(args, config, set(given))
     if config.out == TrainConfig.out:
         config.out = f"runs/{config.model}-{config.method}-{config.dataset}-seed{config.seed}"
     if args.resume:
@@ -74,8 +74,9 @@ def _first_seed(group: Path) -> int:
     return min(seeds, default=TrainConfig.seed)
 
 
-def _train_replicas(args: argparse.Namespace, config: Any) -> dict[str, Any]:
-    """``vbd train --replicas K``: the K runs, one line (or summary) each."""
+def _train_replicas(args: argparse.Namespace, config: Any, given: set[str]) -> dict[str, Any]:
+    """``vbd train --replicas K``: the K runs, one line (or summary) each; ``given``: the
+    settings the command line gives."""
     from ..train import TrainConfig, replica_configs, train_replicas
     from ..train.rundir import check_replica_folder, check_resumable
 
@@ -85,10 +86,12 @@ def _train_replicas(args: argparse.Namespace, config: Any) -> dict[str, Any]:
             f"runs/{config.model}-{config.method}-{config.dataset}-seeds{config.seed}-{last}"
         )
     check_replica_folder(Path(config.out), args.force)
+    configs = replica_configs(config, args.replicas)
     if args.resume:
         check_resumable(Path(config.out), replicas=True)
+        _check_replicas_agree([Path(c.out) for c in configs], given)
     summaries = train_replicas(
-        replica_configs(config, args.replicas),
+        configs,
         resume=args.resume,
         progress=not args.json,
         force=args.force,
@@ -96,6 +99,30 @@ def _train_replicas(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     for summary in summaries:
         _report(summary, args.json)
     return {"runs": summaries}
+
+
+def _check_replicas_agree(outs: list[Path], given: set[str]) -> None:
+    """Refuse to resume replicas whose saved settings that a resume may change differ (one
+    was resumed alone with another ``--lr``, say) unless the command line sets them: the
+    group, resumed with the first replica's, would silently undo the others'."""
+    from ..train import load_config
+    from ..train.config import ConfigError
+    from ..train.state import CHANGEABLE_ON_RESUME
+
+    saved = {
+        out.name: load_config(out / "config.toml")
+        for out in outs
+        if (out / "config.toml").is_file()
+    }
+    for field in CHANGEABLE_ON_RESUME:
+        values = {name: getattr(c, field) for name, c in saved.items()}
+        if field not in given and len(set(values.values())) > 1:
+            shown = ", ".join(f"{name} {value}" for name, value in values.items())
+            flag = "--" + field.replace("_", "-")
+            raise ConfigError(
+                f"cannot resume the replicas as one group: their {field} differs ({shown}); "
+                f"give {flag} to set it for all, or resume each alone (--out OUT/seedN)"
+            )
 
 
 def _report(summary: dict[str, Any], quiet: bool) -> None:

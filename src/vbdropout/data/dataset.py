@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,11 @@ class Dataset:
         """Shape (C, H, W) of one input."""
         c, h, w = self.train_x.shape[1:]
         return (c, h, w)
+
+    def to(self, device: torch.device) -> Dataset:
+        """The data set with its tensors on ``device`` (the same tensors where they are)."""
+        tensors = ("train_x", "train_y", "test_x", "test_y")
+        return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in tensors})
 
 
 def channel_stats(x: np.ndarray, max_value: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -120,9 +120,11 @@ class _CellRunner:
         start = time.perf_counter()
         if row.evaluate_run_of is None:
             self._train_replicas(row)
-            summary = train(
-                config, resume=(run_dir / "checkpoint.pt").exists(), progress=self.progress
-            )
+            summary = _summary_of_finished(run_dir)  # trained as a replica, or before
+            if summary is None:
+                summary = train(
+                    config, resume=(run_dir / "checkpoint.pt").exists(), progress=self.progress
+                )
             model = load_run(run_dir, self.data_dir).model
         else:
             parent = next(
@@ -182,6 +184,17 @@ def _finished(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a run that trained to its end (a summary, not a divergence)."""
     path = run_dir / "summary.json"
     return path.is_file() and "diverged" not in json.loads(path.read_text())
+
+
+def _summary_of_finished(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a finished run, as its training wrote it (how its steps ran
+    included); ``None`` for an unfinished run, or a summary of an older version that lacks
+    an entry a cell records (``train`` then rewrites it)."""
+    if not _finished(run_dir):
+        return None
+    summary = json.loads((run_dir / "summary.json").read_text())
+    needed = ("epochs", "test_error", "compression", "device", "train_seconds", "versions")
+    return summary if all(key in summary for key in needed) else None
 
 
 def _reevaluate(

@@ -351,7 +351,7 @@ def train_replicas(
 def _train_group(
     configs: list[TrainConfig], device: torch.device, resume: bool, progress: bool
 ) -> list[dict[str, Any]]:
-    data = run_data(configs[0])
+    data = run_data(configs[0]).to(device)  # one copy on the device for all the replicas
     runs = [restore_run(c, device, Path(c.out), resume, data) for c in configs]
     for run in runs:  # once every checkpoint passed its checks
         start_files(run)

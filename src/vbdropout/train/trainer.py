@@ -239,7 +239,10 @@ def _train_locked(
         distributed.barrier()
         return {}
     summary = run_summary(run)
-    atomic_write_json(out / "summary.json", summary)
+    previous = out / "summary.json"
+    if run.start_epoch >= config.epochs and previous.is_file():  # no step ran here
+        summary["step"] = json.loads(previous.read_text()).get("step", summary["step"])
+    atomic_write_json(previous, summary)
     distributed.barrier()
     return summary
 
