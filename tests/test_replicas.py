@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -530,3 +531,27 @@ def test_the_replicas_share_one_copy_of_the_data_on_the_device(tmp_path, shared_
         patch.setattr(ReplicaStack, "__init__", record)
         train_replicas(configs, progress=False)
     assert seen and all(len(pointers) == 1 for pointers in seen)
+
+
+def test_replicas_resumed_one_by_one_draw_their_own_noise(tmp_path, shared_data):
+    """Every checkpoint of a group holds the group's one noise state: a replica resumed
+    alone draws a stream of its own (the same on every resume of it), one resumed with
+    its group the group's."""
+    from vbdropout.train.config import resolve_config
+    from vbdropout.train.trainer import restore_run
+
+    configs = replica_configs(config(tmp_path, shared_data, method="vbd", epochs=1), 2)
+    train_replicas(configs, progress=False)
+    shared = load_checkpoint(configs[0].out)["rng"]["torch"]
+    assert shared.equal(load_checkpoint(configs[1].out)["rng"]["torch"])
+
+    def draws(c, group=False):
+        restore_run(resolve_config(c), torch.device("cpu"), Path(c.out), True, group=group)
+        return torch.randn(4)
+
+    alone = [draws(c) for c in configs]
+    assert not alone[0].equal(alone[1])
+    assert alone[0].equal(draws(configs[0]))
+    with_group = draws(configs[1], group=True)
+    torch.set_rng_state(shared)
+    assert with_group.equal(torch.randn(4))

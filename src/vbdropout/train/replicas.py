@@ -6,22 +6,27 @@ take as if it had been trained alone: its own initialization (built exactly as a
 run of its seed), data order (its own shuffling generator), optimizer state,
 checkpoint, metrics and summary. Only the noise differs from the single run: the
 replicas draw it from torch's one generator, each its own (``vmap``'s
-``randomness="different"``); for a method without noise (``none``) replica k ends
-where the single run of its seed ends, to float rounding.
+``randomness="different"``), whose state every replica's checkpoint holds (a replica
+resumed alone draws a stream of its own: :func:`~.trainer.restore_run`); for a method
+without noise (``none``) replica k ends where the single run of its seed ends, to float
+rounding.
 
 One training step runs every replica's forward pass and objective (Eq. 18 per replica)
 as one ``torch.func.vmap`` over the replicas' parameters stacked on a leading dimension
 (:class:`ReplicaStack`), one backward pass and one fused Adam step over the stacked
 tensors; Adam is elementwise, so that is K independent Adams. Between epochs the
 replicas are ordinary models again: their training events, test, checkpoint and
-metrics are those of a single run (:func:`~.trainer.end_epoch`).
+metrics are those of a single run (:func:`~.trainer.record_epoch`); the replicas'
+checkpoints of an epoch are written back to back once every replica was tested.
 
 The checks of every step (loss, KL, gradients, parameters, σ² overflow; per replica)
 stay on the device and are read once per epoch, so a step needs no host sync. A replica
 whose step failed stops alone at the end of that epoch: its last good checkpoint (of
 the epoch before) is kept, its ``summary.json`` says ``diverged`` (and where and why),
 and the others go on; the command then ends with an error naming it. Killed runs continue with
-``--resume`` (replicas whose checkpoints lag behind catch up alone first).
+``--resume``; a kill between two replicas' checkpoints of one epoch (a few milliseconds
+per epoch) leaves some an epoch behind, and these catch up alone first (with other noise
+than the group's: not bit-identical to an uninterrupted group).
 
 Methods whose step is not a pure function of parameters, buffers and batch say why in
 :attr:`~vbdropout.models.methods.Method.no_replicas_reason` and are refused.
@@ -68,13 +73,14 @@ from .trainer import (
     Run,
     TrainingInterrupted,
     diverged,
-    end_epoch,
     epoch_kl_weight,
     holds_run,
+    record_epoch,
     restore_run,
     run_epoch,
     run_setup,
     run_summary,
+    save_epoch,
     start_files,
 )
 
@@ -352,7 +358,7 @@ def _train_group(
     configs: list[TrainConfig], device: torch.device, resume: bool, progress: bool
 ) -> list[dict[str, Any]]:
     data = run_data(configs[0]).to(device)  # one copy on the device for all the replicas
-    runs = [restore_run(c, device, Path(c.out), resume, data) for c in configs]
+    runs = [restore_run(c, device, Path(c.out), resume, data, group=True) for c in configs]
     for run in runs:  # once every checkpoint passed its checks
         start_files(run)
     replicas = [_Replica(run, rundir.tensorboard(run.out)) for run in runs]
@@ -451,7 +457,7 @@ def _group_epoch(
     seconds = time.perf_counter() - started
     table = torch.stack(rows, 1).tolist()  # replica × step × row: the epoch's one read
     sizes = [min(batch, n - s * batch) for s in range(steps)]
-    status, trained = "", len(active)
+    status, trained, recorded = "", len(active), []
     for k, (replica, mine) in enumerate(zip(active, table, strict=True)):
         failures = (stack.failure(k, row, f"step {s + 1}/{steps}") for s, row in enumerate(mine))
         why = next((w for w in failures if w is not None), None)
@@ -468,7 +474,10 @@ def _group_epoch(
         }
         with warnings.catch_warnings():  # its optimizer was stepped through the stack
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
-            status = end_epoch(replica.run, epoch, stats, replica.board, trained)
+            status, rng_ranks = record_epoch(replica.run, epoch, stats, replica.board, trained)
+        recorded.append((replica.run, rng_ranks))
+    for run, rng_ranks in recorded:  # back to back: a kill rarely lands between them
+        save_epoch(run, epoch, rng_ranks)
     return status
 
 

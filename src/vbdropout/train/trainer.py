@@ -21,6 +21,7 @@ checkpoint) and summarized (``run_summary``); its directory's files are :mod:`.r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -248,11 +249,22 @@ def _train_locked(
 
 
 def restore_run(
-    config: TrainConfig, device: torch.device, out: Path, resume: bool, data: Dataset | None = None
+    config: TrainConfig,
+    device: torch.device,
+    out: Path,
+    resume: bool,
+    data: Dataset | None = None,
+    group: bool = False,
 ) -> Run:
     """The run of ``config``: built afresh and, when ``out`` holds a checkpoint (and
     ``resume``), put back into its saved state, with every check on the checkpoint; writes
-    nothing (:func:`start_files` does). ``data``: the config's data set, when loaded."""
+    nothing (:func:`start_files` does). ``data``: the config's data set, when loaded.
+
+    ``group``: the run is resumed as a replica of a group (:mod:`.replicas`). The
+    replicas of a group draw their noise from torch's one generator, whose state each of
+    their checkpoints holds; a replica resumed alone takes a noise stream of its own
+    instead (seeded by its seed and epoch), so that replicas continued one by one stay
+    independent."""
     path = out / "checkpoint.pt"
     state, changes = None, {}
     if holds_run(out, resume):
@@ -266,6 +278,8 @@ def restore_run(
     restore_training_state(
         state, path, run.model, run.optimizer, run.scheduler, run.generator, device, world.rank
     )
+    if not group and state["history"] and state["history"][-1].get("replicas", 1) > 1:
+        torch.manual_seed(replica_stream_seed(config.seed, state["epoch"]))
     run.history, run.start_epoch, run.elapsed = state["history"], state["epoch"], state["elapsed"]
     run.command = state.get("command", run.command)
     run.undone = state.get("final_step_undone")
@@ -274,6 +288,13 @@ def restore_run(
         apply_lr_changes(run.optimizer, run.scheduler, config, run.start_epoch)
         run.resume_changes.append({"epoch": run.start_epoch, "changed": changes})
     return run
+
+
+def replica_stream_seed(seed: int, epoch: int) -> int:
+    """The seed of the noise a replica of a group draws when resumed alone after ``epoch``
+    epochs: 63 bits of a hash of both, unrelated to any run's ``seed``."""
+    digest = hashlib.sha256(f"vbdropout replica {seed} {epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def holds_run(out: Path, resume: bool) -> bool:
@@ -384,12 +405,24 @@ def diverged(run: Run, epoch: int, err: DivergenceError) -> DivergenceError:
     return DivergenceError(f"training diverged in epoch {epoch + 1}, {err}; {kept}")
 
 
-def end_epoch(run: Run, epoch: int, stats: dict[str, Any], board: Any, replicas: int = 1) -> str:
-    """After epoch ``epoch`` of ``run`` trained (``stats``: :func:`train_epoch`'s): the
-    method's training events and the lr schedule; on the main process also test, log and
-    checkpoint. ``replicas``: how many runs trained in the epoch together, ``run`` one of
-    them (:mod:`.replicas`; its ``seconds`` are theirs). Returns the progress bar's status
-    line ("" on the other processes)."""
+def end_epoch(run: Run, epoch: int, stats: dict[str, Any], board: Any) -> str:
+    """After epoch ``epoch`` of ``run`` trained (``stats``: :func:`train_epoch`'s):
+    :func:`record_epoch`, then on the main process :func:`save_epoch`. Returns the
+    progress bar's status line ("" on the other processes)."""
+    status, rng_ranks = record_epoch(run, epoch, stats, board)
+    if distributed.current().is_main:
+        save_epoch(run, epoch, rng_ranks)
+    return status
+
+
+def record_epoch(
+    run: Run, epoch: int, stats: dict[str, Any], board: Any, replicas: int = 1
+) -> tuple[str, list[torch.Tensor] | None]:
+    """The method's training events and the lr schedule after epoch ``epoch`` of ``run``;
+    on the main process also test and log it (its metrics row in ``run.history``).
+    ``replicas``: how many runs trained in the epoch together, ``run`` one of them
+    (:mod:`.replicas`; its ``seconds`` are theirs). Returns the progress bar's status line
+    ("" on the other processes) and every worker's torch random state (data-parallel)."""
     config, world = run.config, distributed.current()
     lr = run.optimizer.param_groups[0]["lr"]
     if epoch < config.epochs - 1:
@@ -402,7 +435,7 @@ def end_epoch(run: Run, epoch: int, stats: dict[str, Any], board: Any, replicas:
     stats.update(distributed.all_mean({k: stats[k] for k in ("loss", "nll", "train_error")}))
     rng_ranks = distributed.all_gather_rng_state()
     if not world.is_main:
-        return ""
+        return "", rng_ranks
     test = evaluate(run.model, run.test_x, run.test_y)
     report = compression_report(run.model)
     run.elapsed += stats["seconds"]
@@ -420,11 +453,17 @@ def end_epoch(run: Run, epoch: int, stats: dict[str, Any], board: Any, replicas:
     run.history.append(row)
     if board is not None:
         rundir.log_scalars(board, row, epoch + 1)
+    status = f"kl {stats['kl']:.3g} test err {test['error']:.4f} sparsity {report.sparsity:.1f}%"
+    return status, rng_ranks
+
+
+def save_epoch(run: Run, epoch: int, rng_ranks: list[torch.Tensor] | None) -> None:
+    """Checkpoint ``run`` after epoch ``epoch`` (recorded by :func:`record_epoch`) and
+    write its metrics (and, after a resume that changed settings, its config)."""
     save_checkpoint(run.out / "checkpoint.pt", run.checkpoint(epoch + 1, rng_ranks))
     if epoch == run.start_epoch and run.resume_changes:  # the changed settings are now the run's
-        atomic_write_bytes(run.out / "config.toml", to_toml(config).encode())
+        atomic_write_bytes(run.out / "config.toml", to_toml(run.config).encode())
     rundir.write_metrics(run.out, run.history)
-    return f"kl {stats['kl']:.3g} test err {test['error']:.4f} sparsity {report.sparsity:.1f}%"
 
 
 def run_setup(run: Run) -> dict[str, Any]:
