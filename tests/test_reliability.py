@@ -716,7 +716,7 @@ def test_crafted_checkpoint_runs_no_code_anywhere(
     assert not marker.exists()
     assert (resumed / "checkpoint.pt").read_bytes() == content
     assert sorted(p.name for p in resumed.iterdir()) == ["checkpoint.pt"]
-    assert [p.name for p in (tmp_path / "init").iterdir()] == [".vbdropout-run"]  # ours now
+    assert not (tmp_path / "init").exists()  # a run failing before its first file leaves none
 
 
 @pytest.mark.parametrize("case", ["truncated", "empty", "not a dict", "missing entries"])

@@ -227,6 +227,16 @@ def load_checkpoint(
         what = "a symbolic link that leads to no file (a loop?)" if path.is_symlink() else ""
         raise CheckpointError(f"no checkpoint at {path}" + (f": it is {what}" if what else ""))
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    if head and not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: zip, or pickle
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: it is not a PyTorch checkpoint (neither the zip "
+            f"file nor the pickle that torch.save writes)"
+        )
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files
         raise CheckpointError(f"cannot load checkpoint {path}: {_load_problem(err)}") from None

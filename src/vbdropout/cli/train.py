@@ -32,7 +32,7 @@ def method_list(methods: dict[str, Any]) -> str:
 
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     from ..train import TrainConfig, load_config, train
-    from ..train.rundir import check_resumable
+    from ..train.rundir import holds_a_run
 
     fields = train_fields()
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -52,8 +52,8 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
         return _train_replicas(args, config, set(given))
     if config.out == TrainConfig.out:
         config.out = f"runs/{config.model}-{config.method}-{config.dataset}-seed{config.seed}"
-    if args.resume:
-        check_resumable(Path(config.out))
+    if args.resume and not holds_a_run(Path(config.out)):
+        _starting_anew(config.out)
     summary = train(config, resume=args.resume, progress=not args.json, force=args.force)
     if not summary:  # a torchrun worker other than rank 0: rank 0 reports
         return None
@@ -78,7 +78,7 @@ def _train_replicas(args: argparse.Namespace, config: Any, given: set[str]) -> d
     """``vbd train --replicas K``: the K runs, one line (or summary) each; ``given``: the
     settings the command line gives."""
     from ..train import TrainConfig, replica_configs, train_replicas
-    from ..train.rundir import check_replica_folder, check_resumable
+    from ..train.rundir import check_replica_folder, holds_a_run
 
     if config.out == TrainConfig.out:
         last = config.seed + args.replicas - 1
@@ -87,8 +87,9 @@ def _train_replicas(args: argparse.Namespace, config: Any, given: set[str]) -> d
         )
     check_replica_folder(Path(config.out), args.force)
     configs = replica_configs(config, args.replicas)
-    if args.resume:
-        check_resumable(Path(config.out), replicas=True)
+    if args.resume and not holds_a_run(Path(config.out), replicas=True):
+        _starting_anew(config.out)
+    elif args.resume:
         _check_replicas_agree([Path(c.out) for c in configs], given)
     summaries = train_replicas(
         configs,
@@ -99,6 +100,12 @@ def _train_replicas(args: argparse.Namespace, config: Any, given: set[str]) -> d
     for summary in summaries:
         _report(summary, args.json)
     return {"runs": summaries}
+
+
+def _starting_anew(out: str) -> None:
+    """Say that ``--resume`` found nothing to continue (a mistyped ``--out``?): a new run
+    starts, as a job that always passes ``--resume`` expects."""
+    print(f"vbd train: no run in {out} to resume: starting a new one", file=sys.stderr)
 
 
 def _check_replicas_agree(outs: list[Path], given: set[str]) -> None:

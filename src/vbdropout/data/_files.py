@@ -105,7 +105,8 @@ class DataFile:
         expected = self._listed_checksums()
         if not expected and strict and self.md5:
             origin = (
-                "canonical; to accept another copy, pass strict=False or list it in a SHA256SUMS"
+                "canonical; to accept another copy, list its checksum in a SHA256SUMS beside "
+                "it (in Python, or pass strict=False)"
             )
             expected = [("md5", self.md5, origin)]
         if not expected:

@@ -71,7 +71,7 @@ def check_log_alpha_threshold(threshold: float | None, name: str = "threshold") 
     if cut is not None and not low <= cut <= high:  # also rejects NaN
         raise ValueError(
             f"{name} is a log α value and must lie in the clip range [{low}, {high}], "
-            f"got {threshold}; use None to disable pruning"
+            f"got {threshold} (in Python, None keeps every weight)"
         )
     return cut
 

@@ -34,8 +34,8 @@ __all__ = [
     "RunLockedError",
     "check_out",
     "check_replica_folder",
-    "check_resumable",
     "claimed",
+    "holds_a_run",
     "log_scalars",
     "prepare_out",
     "run_lock",
@@ -228,15 +228,11 @@ def check_out(out: Path, force: bool = False) -> bool:
     return False
 
 
-def check_resumable(out: Path, replicas: bool = False) -> None:
-    """Refuse ``--resume`` of an ``out`` that holds no run (none of its ``seedN`` folders,
-    for a replica group): it would start a new one, and a mistyped ``--out`` a long run."""
+def holds_a_run(out: Path, replicas: bool = False) -> bool:
+    """Whether ``out`` holds a run (one of its ``seedN`` folders does, for a replica group):
+    what ``--resume`` would continue."""
     runs = [out / p.name for p in out.glob("seed*")] if replicas else [out]
-    if not any((r / RUN_MARKER).is_file() or (r / "checkpoint.pt").is_file() for r in runs):
-        what = "replica group (no OUT/seedN run directory)" if replicas else "run"
-        raise ConfigError(
-            f"nothing to resume: {out} holds no {what}; leave out --resume to start one"
-        )
+    return any((r / RUN_MARKER).is_file() or (r / "checkpoint.pt").is_file() for r in runs)
 
 
 def check_replica_folder(group: Path, force: bool = False) -> None:
