@@ -555,3 +555,28 @@ def test_replicas_resumed_one_by_one_draw_their_own_noise(tmp_path, shared_data)
     with_group = draws(configs[1], group=True)
     torch.set_rng_state(shared)
     assert with_group.equal(torch.randn(4))
+
+
+def test_the_command_reports_the_finished_replicas_when_one_diverged(
+    tmp_path, shared_data, monkeypatch, capsys
+):
+    step = ReplicaStack.step
+    calls = []
+
+    def poisoned(self, x, y, kl_weight):  # NaN inputs for replica 1 from its 5th step
+        calls.append(len(self.runs))
+        if len(calls) >= 5 and len(self.runs) == 2:
+            x = x.clone()
+            x[1] = float("nan")
+        return step(self, x, y, kl_weight)
+
+    monkeypatch.setattr(ReplicaStack, "step", poisoned)
+    assert main(cli_args(tmp_path / "g", shared_data, "--epochs", "3")) == 1
+    captured = capsys.readouterr()
+    runs = json.loads(captured.out.splitlines()[-1])["runs"]
+    assert [("diverged" in run, "test_error" in run) for run in runs] == [
+        (False, True),
+        (True, False),
+    ]
+    (error,) = [line for line in captured.err.splitlines() if "error:" in line]
+    assert error.startswith("vbd train: error: replica seed 1: training diverged in epoch 2")

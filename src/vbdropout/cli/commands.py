@@ -115,7 +115,7 @@ def add_download_parser(sub: Any) -> None:
     )
     download.add_argument("dataset", choices=sorted(DATASETS))
     download.add_argument(
-        "--data-dir", help="data folder (default $VBD_DATA_DIR or the user cache)"
+        "--data-dir", help="data folder (default $VBD_DATA_DIR, else ~/.cache/vbdropout)"
     )
     download.add_argument("--json", action="store_true", help="print one JSON object as last line")
     download.set_defaults(run_command=_cmd_download)
@@ -145,10 +145,22 @@ def add_eval_parser(sub: Any) -> None:
     )
     evaluate.add_argument("run")
     evaluate.add_argument(
-        "--mc-samples", type=count, default=0, help="also average K sampled passes"
+        "--mc-samples",
+        type=count,
+        default=0,
+        metavar="K",
+        help="also average K sampled passes (default 0: the deterministic pass only)",
     )
-    evaluate.add_argument("--data-dir")
-    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    evaluate.add_argument(
+        "--data-dir",
+        help="data folder (default: the run's, else $VBD_DATA_DIR, else ~/.cache/vbdropout)",
+    )
+    evaluate.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where to evaluate (default auto: cuda if any)",
+    )
     add_cut_options(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object as last line")
     evaluate.set_defaults(run_command=_cmd_eval)
@@ -190,7 +202,11 @@ def add_compress_parser(sub: Any) -> None:
     )
     compress.add_argument("run")
     compress.add_argument("--out", required=True, help="output directory")
-    compress.add_argument("--data-dir", help="data folder (for the input normalization)")
+    compress.add_argument(
+        "--data-dir",
+        help="data folder, for the input normalization (default: the run's, else "
+        "$VBD_DATA_DIR, else ~/.cache/vbdropout)",
+    )
     compress.add_argument(
         "--factory",
         help="package.module:function returning your model (built as in training, e.g. "

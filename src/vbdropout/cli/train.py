@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -77,7 +78,7 @@ def _first_seed(group: Path) -> int:
 def _train_replicas(args: argparse.Namespace, config: Any, given: set[str]) -> dict[str, Any]:
     """``vbd train --replicas K``: the K runs, one line (or summary) each; ``given``: the
     settings the command line gives."""
-    from ..train import TrainConfig, replica_configs, train_replicas
+    from ..train import DivergenceError, TrainConfig, replica_configs, train_replicas
     from ..train.rundir import check_replica_folder, holds_a_run
 
     if config.out == TrainConfig.out:
@@ -91,12 +92,19 @@ def _train_replicas(args: argparse.Namespace, config: Any, given: set[str]) -> d
         _starting_anew(config.out)
     elif args.resume:
         _check_replicas_agree([Path(c.out) for c in configs], given)
-    summaries = train_replicas(
-        configs,
-        resume=args.resume,
-        progress=not args.json,
-        force=args.force,
-    )
+    try:
+        summaries = train_replicas(
+            configs, resume=args.resume, progress=not args.json, force=args.force
+        )
+    except DivergenceError:  # after the others finished: report them, then the error
+        written = [Path(c.out) / "summary.json" for c in configs]
+        summaries = [json.loads(p.read_text()) for p in written if p.is_file()]
+        for summary in summaries:
+            if "diverged" not in summary:
+                _report(summary, args.json)
+        if args.json:
+            print(json.dumps({"runs": summaries}, sort_keys=True))
+        raise
     for summary in summaries:
         _report(summary, args.json)
     return {"runs": summaries}
