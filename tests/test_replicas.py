@@ -149,18 +149,23 @@ def test_replica_run_directories_are_ordinary_runs(tmp_path, shared_data, capsys
     assert resumed["config"]["seed"] == 6
 
 
-def test_a_diverging_replica_stops_alone(tmp_path, shared_data, monkeypatch):
+def poison_replica_1(monkeypatch, from_step):
+    """NaN inputs for replica 1 of a 2-replica group from its ``from_step``-th step."""
     step = ReplicaStack.step
     calls = []
 
-    def poisoned(self, x, y, kl_weight):  # NaN inputs for replica 1 from its 14th step
+    def poisoned(self, x, y, kl_weight):
         calls.append(len(self.runs))
-        if len(calls) >= 14 and len(self.runs) == 2:
+        if len(calls) >= from_step and len(self.runs) == 2:
             x = x.clone()
             x[1] = float("nan")
         return step(self, x, y, kl_weight)
 
     monkeypatch.setattr(ReplicaStack, "step", poisoned)
+
+
+def test_a_diverging_replica_stops_alone(tmp_path, shared_data, monkeypatch):
+    poison_replica_1(monkeypatch, from_step=14)
     group = replica_configs(config(tmp_path / "group", shared_data, epochs=3), 2)
     with pytest.raises(
         DivergenceError, match=r"replica seed 1: training diverged in epoch 3, step 2/6"
@@ -560,17 +565,7 @@ def test_replicas_resumed_one_by_one_draw_their_own_noise(tmp_path, shared_data)
 def test_the_command_reports_the_finished_replicas_when_one_diverged(
     tmp_path, shared_data, monkeypatch, capsys
 ):
-    step = ReplicaStack.step
-    calls = []
-
-    def poisoned(self, x, y, kl_weight):  # NaN inputs for replica 1 from its 5th step
-        calls.append(len(self.runs))
-        if len(calls) >= 5 and len(self.runs) == 2:
-            x = x.clone()
-            x[1] = float("nan")
-        return step(self, x, y, kl_weight)
-
-    monkeypatch.setattr(ReplicaStack, "step", poisoned)
+    poison_replica_1(monkeypatch, from_step=5)
     assert main(cli_args(tmp_path / "g", shared_data, "--epochs", "3")) == 1
     captured = capsys.readouterr()
     runs = json.loads(captured.out.splitlines()[-1])["runs"]
