@@ -35,8 +35,8 @@ from vbdropout.io import CheckpointError, load_checkpoint, save_checkpoint
 from vbdropout.losses import elbo_terms
 from vbdropout.models import METHODS, build_model
 from vbdropout.nn import Conv2dVBD, LinearVBD
-from vbdropout.train import DivergenceError, train_epoch
-from vbdropout.train.config import ConfigError
+from vbdropout.train import DivergenceError, TrainConfig, train_epoch
+from vbdropout.train.config import ConfigError, resolve_config
 from vbdropout.train.rundir import RUN_MARKER, run_lock
 from vbdropout.train.schedules import lr_factor
 
@@ -650,6 +650,34 @@ def test_a_run_failing_before_its_first_file_leaves_its_out_as_it_was(
         one_line_error(capsys, "is not empty", "--force")
 
 
+def test_a_failed_forced_run_leaves_a_users_own_run_file_names_alone(
+    tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user's folder may hold files named like run files (config.toml): the claim is
+    undone when the run changed none of them, not when none exists."""
+    out = tmp_path / "users"
+    out.mkdir()
+    (out / "config.toml").write_text("user = 1\n")
+    before = snapshot(tmp_path)
+    assert main(argv(out, shared_data, "--init", str(tmp_path / "nope.pt"), "--force")) == 1
+    one_line_error(capsys, "nope.pt")
+    assert snapshot(tmp_path) == before
+    assert main(argv(out, shared_data)) == 1  # not ours: its config.toml is not replaced
+    one_line_error(capsys, "is not empty", "--force")
+
+
+def test_a_claim_is_not_undone_while_another_process_holds_the_lock(tmp_path: Path) -> None:
+    from vbdropout.train.rundir import claim
+
+    out = tmp_path / "new" / "run"
+    taken = claim(out)
+    with run_lock(out):  # another run training there (the lock refuses a second holder)
+        taken.release_if_unused()
+    assert (out / RUN_MARKER).is_file()
+    taken.release_if_unused()
+    assert not (tmp_path / "new").exists()
+
+
 def test_replicas_refuse_a_folder_holding_other_files_or_a_run(
     tmp_path: Path, shared_data: Path, finished_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -664,6 +692,11 @@ def test_replicas_refuse_a_folder_holding_other_files_or_a_run(
     assert snapshot(tmp_path) == before
     assert main(argv(group, shared_data, "--replicas", "2", "--compile", "off", "--force")) == 0
     assert (group / "seed0" / "summary.json").is_file() and (group / "notes.txt").is_file()
+    # a group's folder may gather other things, e.g. an export of a replica
+    export = str(group / "export-seed0")
+    assert main(["compress", str(group / "seed0"), "--out", export, "--json"]) == 0
+    resume = ("--replicas", "2", "--compile", "off", "--resume")
+    assert main(argv(group, shared_data, *resume, epochs=2)) == 0
 
 
 @pytest.mark.parametrize("replicas", [(), ("--replicas", "2")], ids=["run", "replicas"])
@@ -694,7 +727,7 @@ def test_a_warmup_outlasting_the_run_is_a_warning(
     assert main([*argv(out, shared_data), *warm]) == 0
     (warning,) = json.loads(capsys.readouterr().out.splitlines()[-1])["warnings"]
     assert "before its KL warm-up (epochs 2 to 4)" in warning and "stayed 0" in warning
-    assert "--resume --epochs 4" in warning
+    assert f"vbd train --resume --out {out} --epochs 4" in warning
     assert main([*argv(out, shared_data, "--resume", epochs=3), *warm]) == 0
     (warning,) = json.loads(capsys.readouterr().out.splitlines()[-1])["warnings"]
     assert "reached 0.25 of 1" in warning  # β of the last step, at 2.5 epochs
@@ -703,6 +736,10 @@ def test_a_warmup_outlasting_the_run_is_a_warning(
     plain = tmp_path / "plain"
     assert main([*argv(plain, shared_data, "--method", "none"), *warm]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["warnings"] == []
+    concrete = tmp_path / "concrete"  # a KL term that is negative
+    assert main([*argv(concrete, shared_data, "--method", "concrete"), *warm]) == 0
+    (warning,) = json.loads(capsys.readouterr().out.splitlines()[-1])["warnings"]
+    assert "before its KL warm-up" in warning
 
 
 def test_eval_and_compress_of_an_unfinished_run_say_so(
@@ -766,6 +803,11 @@ def test_demo_refuses_a_bad_picture_path_or_warmup_before_training(
         (["--plot", str(tmp_path / "afile" / "x.png")], "afile is a file, not a folder"),
         (["--plot", str(tmp_path)], "is a folder; give a file name"),
         (["--kl-warmup", "3", "--plot", str(tmp_path / "x.png")], "kl_warmup must be in [1, "),
+        *(  # a folder no one can write in, root included
+            [(["--plot", "/proc/vbd-demo.png"], "cannot write in /proc")]
+            if sys.platform == "linux"
+            else []
+        ),
     ]:
         started = time.perf_counter()
         assert main([*short, *extra]) == 1
@@ -782,6 +824,7 @@ def test_a_negative_seed_is_an_argument_error(
         main([command, "--seed", "-1"])
     assert exit_info.value.code == 2
     one_line_error(capsys, "--seed: expected an integer >= 0, got -1")
+    assert resolve_config(TrainConfig(seed=-1)).seed == -1  # such runs of earlier versions resume
 
 
 def test_download_of_a_packaged_data_set_names_no_folder(

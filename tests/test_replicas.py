@@ -575,3 +575,13 @@ def test_the_command_reports_the_finished_replicas_when_one_diverged(
     ]
     (error,) = [line for line in captured.err.splitlines() if "error:" in line]
     assert error.startswith("vbd train: error: replica seed 1: training diverged in epoch 2")
+
+
+def test_a_finished_group_resumed_keeps_how_its_steps_ran(tmp_path, shared_data, capsys):
+    out = tmp_path / "g"
+    assert main(cli_args(out, shared_data, "--epochs", "1")) == 0
+    paths = [out / f"seed{seed}" / "summary.json" for seed in (0, 1)]
+    for path in paths:
+        path.write_text(json.dumps({**json.loads(path.read_text()), "step": "compiled (as run)"}))
+    assert main(cli_args(out, shared_data, "--resume", "--epochs", "1")) == 0
+    assert [json.loads(p.read_text())["step"] for p in paths] == ["compiled (as run)"] * 2

@@ -25,6 +25,7 @@ layer and the 8×8 mask of the input pixels that the first layer still reads.
 from __future__ import annotations
 
 import io
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -201,11 +202,16 @@ def check_plot_path(path: Path) -> None:
         raise ValueError(
             f"--plot {path} is a folder; give a file name, e.g. {path / 'vbd-demo.png'}"
         )
-    for folder in path.parents:
-        if folder.exists():
-            if not folder.is_dir():
-                raise ValueError(f"--plot {path}: {folder} is a file, not a folder")
-            break
+    folder = next(folder for folder in path.parents if folder.exists())  # "." at least
+    if not folder.is_dir():
+        raise ValueError(f"--plot {path}: {folder} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".vbd-plot-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"--plot {path}: cannot write in {folder} ({err.strerror or err})"
+        ) from None
 
 
 def format_demo(results: dict[str, Any]) -> str:

@@ -40,6 +40,8 @@ __all__ = [
     "atomic_write_json",
     "load_checkpoint",
     "move_into",
+    "new_folders",
+    "remove_if_empty",
     "remove_stale_temp_files",
     "save_checkpoint",
 ]
@@ -166,6 +168,19 @@ def move_into(folder: Path, staging: Path, names: Iterable[str]) -> None:
     for name in names:
         os.replace(staging / name, folder / name)
     _sync_dir(folder)
+
+
+def new_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: what
+    ``path.mkdir(parents=True)`` would create."""
+    return [folder for folder in (path, *path.parents) if not folder.exists()]
+
+
+def remove_if_empty(folders: Iterable[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is an empty folder."""
+    for folder in folders:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def remove_stale_temp_files(folder: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:

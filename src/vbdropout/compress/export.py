@@ -53,7 +53,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..io import atomic_path, atomic_write_bytes, atomic_write_json, move_into
+from ..io import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    move_into,
+    new_folders,
+    remove_if_empty,
+)
 from ..nn.deterministic import to_deterministic
 from ..nn.prunable import Threshold
 from .architecture import (
@@ -244,7 +251,7 @@ def export_compressed(
     out = Path(out_dir)
     thresholds = {"log_alpha_threshold": log_alpha_threshold, "unit_threshold": unit_threshold}
     compressed = _compress(model, input_shape, thresholds)
-    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    created = new_folders(out)
     out.mkdir(parents=True, exist_ok=True)
     try:
         with tempfile.TemporaryDirectory(dir=out, prefix=".export.") as staging:
@@ -254,9 +261,7 @@ def export_compressed(
                 (out / name).unlink(missing_ok=True)  # never leave a stale file from before
             move_into(out, Path(staging), ["report.md", "report.json"])
     except BaseException:
-        for folder in created:
-            if not any(folder.iterdir()):
-                folder.rmdir()
+        remove_if_empty(created)
         raise
     return report
 

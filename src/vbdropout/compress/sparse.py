@@ -90,12 +90,17 @@ def sparse_tensors(network: nn.Module, csr_layers: list[str]) -> dict[str, Tenso
 
 def load_sparse(path: str | os.PathLike[str], like: nn.Module | None = None) -> nn.Module:
     """A network running sparse (CSR) inference from ``sparse.safetensors``, in the
-    file's precision (torch's CPU CSR product has no bfloat16 or float16 kernel).
+    file's precision; a bfloat16 or float16 file in float32 (torch's CPU CSR product has
+    no kernel for them).
 
     like: for a model exported from custom code, an instance of that model.
     """
     tensors, metadata = read(path)
-    network = skeleton(path, metadata, like).to(floating_dtype(tensors.values()))
+    dtype = floating_dtype(tensors.values())
+    if dtype in (torch.bfloat16, torch.float16):
+        dtype = torch.float32
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    network = skeleton(path, metadata, like).to(dtype)
     for name in json.loads(metadata.get("csr_layers", "[]")):
         module = network.get_submodule(name)
         if type(module) not in (nn.Linear, nn.Conv2d):

@@ -106,7 +106,7 @@ def warmup_warning(config: TrainConfig, history: list[dict[str, Any]]) -> list[s
     likelihood alone). A run may be stopped early on purpose and continued with
     ``--resume --epochs``: a warning, not an error."""
     start, end = config.kl_warmup
-    if not history or end <= config.epochs or not any(row["kl"] > 0 for row in history):
+    if not history or end <= config.epochs or all(row["kl"] == 0 for row in history):
         return []
     beta = history[-1]["kl_weight"] / config.kl_scale
     reached = (
@@ -117,5 +117,5 @@ def warmup_warning(config: TrainConfig, history: list[dict[str, Any]]) -> list[s
     return [
         f"training ended after epoch {config.epochs}, before its KL warm-up (epochs {start} to "
         f"{end}) did: β {reached}, so the model is not the method's; continue with vbd train "
-        f"--resume --epochs {end} or more"
+        f"--resume --out {config.out} --epochs {end} (or more)"
     ]

@@ -235,10 +235,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         decay is None or (_is_int(decay) and 0 <= decay < resolved.epochs),
         f"lr_decay_start must be in [0, epochs), got {decay!r}",
     )
-    _check(
-        _is_int(resolved.seed) and resolved.seed >= 0,
-        f"seed must be an integer >= 0, got {resolved.seed!r}",
-    )
+    _check(_is_int(resolved.seed), f"seed must be an integer, got {resolved.seed!r}")
     _check(
         _is_int(resolved.nproc) and 1 <= resolved.nproc <= resolved.batch_size,
         f"nproc must be an integer in [1, batch_size], got {resolved.nproc!r}",

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from ..io import atomic_write_json, remove_stale_temp_files
+from ..io import remove_stale_temp_files
 from ..losses import elbo_terms
 from ..models.methods import method_class
 from ..nn.base import StochasticModule, VariationalModule, optimizer_stepped
@@ -82,6 +82,7 @@ from .trainer import (
     run_summary,
     save_epoch,
     start_files,
+    write_summary,
 )
 
 __all__ = ["ReplicaStack", "replica_configs", "train_replicas"]
@@ -386,9 +387,7 @@ def _train_group(
     for replica in replicas:
         if replica.board is not None:
             replica.board.close()
-        summary = _replica_summary(replica, step)
-        atomic_write_json(replica.run.out / "summary.json", summary)
-        summaries.append(summary)
+        summaries.append(write_summary(replica.run, _replica_summary(replica, step)))
     failed = [r for r in replicas if r.diverged is not None]
     if failed:
         done = [str(r.run.out) for r in replicas if r.diverged is None]

@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +26,23 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, new_folders, remove_if_empty
 from .config import ConfigError
 
 __all__ = [
     "RUN_FILES",
     "RUN_MARKER",
+    "Claim",
     "RunLockedError",
     "check_out",
     "check_replica_folder",
+    "claim",
     "claimed",
     "holds_a_run",
     "log_scalars",
     "prepare_out",
     "run_lock",
     "tensorboard",
-    "unclaim_unused",
     "write_metrics",
 ]
 
@@ -153,34 +155,66 @@ def _why(err: OSError, path: Path) -> str:
     return err.strerror or str(err)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What :func:`claim` did to a run directory, so that a run failing before it wrote
+    anything can undo it (:meth:`release_if_unused`)."""
+
+    out: Path
+    marked: bool  # this claim wrote the marker
+    created: list[Path]  # the folders it created, deepest first
+    run_files: dict[str, tuple[int, int] | None]  # each run file's (inode, mtime) before
+
+    def release_if_unused(self) -> None:
+        """Undo the claim when the run changed none of its :data:`RUN_FILES` (it failed on
+        missing data, a bad ``--init``, a model that does not fit the data): remove the
+        marker, then the folders created for it when empty. Done under the run lock, and
+        not at all while another process holds it (it is training there). A folder that
+        held files before (``--force``), run-file names included, so never stays a run
+        directory by a failed run."""
+        if not self.marked:
+            return
+        try:
+            with run_lock(self.out):
+                if _run_files_state(self.out) != self.run_files:
+                    return
+                (self.out / RUN_MARKER).unlink(missing_ok=True)
+        except (RunLockedError, ConfigError):
+            return
+        remove_if_empty(self.created)
+
+
+def claim(out: Path, force: bool = False) -> Claim:
+    """:func:`prepare_out`, remembering what it changed."""
+    created, before = new_folders(out), _run_files_state(out)
+    return Claim(out, prepare_out(out, force), created, before)
+
+
+def _run_files_state(out: Path) -> dict[str, tuple[int, int] | None]:
+    """Each run file's inode and modification time (``None``: absent); a run that writes
+    one (atomically: a new inode) changes it."""
+    state: dict[str, tuple[int, int] | None] = {}
+    for name in RUN_FILES:
+        try:
+            st = (out / name).stat()
+        except OSError:
+            state[name] = None
+        else:
+            state[name] = (st.st_ino, st.st_mtime_ns)
+    return state
+
+
 @contextmanager
 def claimed(out: Path, force: bool = False) -> Iterator[None]:
-    """:func:`prepare_out` and :func:`run_lock` for the block. A block that fails before
-    its run wrote any run file leaves ``out`` as it was (:func:`unclaim_unused`)."""
-    created = [folder for folder in (out, *out.parents) if not folder.exists()]
-    marked, locked = prepare_out(out, force), False
+    """:func:`claim` and :func:`run_lock` for the block; a block that fails before its run
+    wrote any run file leaves ``out`` as it was (:meth:`Claim.release_if_unused`)."""
+    taken = claim(out, force)
     try:
         with run_lock(out):
-            locked = True
             yield
     except BaseException:
-        if marked and locked:  # a run refused by the lock leaves the holder's marker
-            unclaim_unused(out, created)
+        taken.release_if_unused()
         raise
-
-
-def unclaim_unused(out: Path, created: list[Path]) -> None:
-    """Undo :func:`prepare_out` for a run that failed before writing any of its
-    :data:`RUN_FILES` (missing data, a bad ``--init``, a model that does not fit the data):
-    remove the marker, then the folders ``created`` for it, deepest first, when empty. A
-    folder that held files before (``--force``) so never becomes a run directory by a
-    failed run."""
-    if any((out / name).exists() for name in RUN_FILES):
-        return
-    (out / RUN_MARKER).unlink(missing_ok=True)
-    for folder in created:
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
 
 
 def prepare_out(out: Path, force: bool = False) -> bool:
@@ -216,8 +250,8 @@ def check_out(out: Path, force: bool = False) -> bool:
             f"{links[0]} is a symbolic link; a run directory's files must be its own "
             f"(remove the link or choose another --out)"
         )
-    if (out / RUN_MARKER).is_file() or (out / "checkpoint.pt").is_file():
-        return True  # ours (a checkpoint: a run of an earlier version, or one to be refused)
+    if _is_ours(out):
+        return True  # (a checkpoint: a run of an earlier version, or one to be refused)
     foreign = sorted(p.name for p in out.iterdir() if not _in_the_making(p.name))
     if foreign and not force:
         raise ConfigError(
@@ -232,16 +266,17 @@ def holds_a_run(out: Path, replicas: bool = False) -> bool:
     """Whether ``out`` holds a run (one of its ``seedN`` folders does, for a replica group):
     what ``--resume`` would continue."""
     runs = [out / p.name for p in out.glob("seed*")] if replicas else [out]
-    return any((r / RUN_MARKER).is_file() or (r / "checkpoint.pt").is_file() for r in runs)
+    return any(_is_ours(run) for run in runs)
 
 
 def check_replica_folder(group: Path, force: bool = False) -> None:
     """Refuse ``group`` as the folder of a replica group (which holds the replicas' run
     directories ``seedN``): a run directory itself, or, unless ``force``, a folder holding
-    anything but ``seedN`` folders."""
+    anything but ``seedN`` folders that holds no replica group yet (a group's folder may
+    gather other things, e.g. exports of its replicas)."""
     if not group.is_dir():
         return
-    if (group / RUN_MARKER).is_file() or (group / "checkpoint.pt").is_file():
+    if _is_ours(group):
         raise ConfigError(
             f"{group} is a run directory; --replicas trains into OUT/seedN folders: choose a "
             f"new or empty --out"
@@ -249,7 +284,7 @@ def check_replica_folder(group: Path, force: bool = False) -> None:
     foreign = sorted(
         p.name for p in group.iterdir() if not (p.is_dir() and re.fullmatch(r"seed\d+", p.name))
     )
-    if foreign and not force:
+    if foreign and not force and not holds_a_run(group, replicas=True):
         raise ConfigError(
             f"{group} is not empty ({_shown(foreign)}) and holds no replica group; choose an "
             f"empty or new --out, or pass --force to put the replicas' seedN folders into it"
@@ -259,6 +294,11 @@ def check_replica_folder(group: Path, force: bool = False) -> None:
 def _shown(names: list[str]) -> str:
     """The first three of ``names``, for a message."""
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def _is_ours(folder: Path) -> bool:
+    """Whether ``folder`` is one of our run directories: marked, or holding a checkpoint."""
+    return (folder / RUN_MARKER).is_file() or (folder / "checkpoint.pt").is_file()
 
 
 def _in_the_making(name: str) -> bool:

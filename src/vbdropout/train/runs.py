@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,12 +102,17 @@ def run_method(config: TrainConfig, data: Dataset) -> Method:
 @dataclasses.dataclass(frozen=True)
 class TrainedRun:
     """A run directory's (or checkpoint's) trained model, in eval mode, with its data set,
-    its config and the epochs it trained (``None``: not recorded)."""
+    its config and the epochs it trained (``None``: not recorded); unpacks as
+    ``model, data, config``."""
 
     model: nn.Module
     data: Dataset
     config: TrainConfig
     epochs_done: int | None
+    run_dir: Path  # the directory of its checkpoint
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.data, self.config))
 
     def warnings(self, test_error: float | None = None) -> list[str]:
         """Signs that the model is not a finished run's working network: training stopped
@@ -114,7 +121,8 @@ class TrainedRun:
         if self.epochs_done is not None and self.epochs_done < self.config.epochs:
             found.append(
                 f"the run stopped after epoch {self.epochs_done} of {self.config.epochs}: "
-                f"this is not its final model (continue it with vbd train --resume)"
+                f"this is not its final model (continue it with vbd train --resume --out "
+                f"{self.run_dir})"
             )
         if test_error is not None:
             found += chance_warning(test_error, self.data.num_classes)
@@ -135,10 +143,9 @@ def load_run(path: str | os.PathLike[str], data_dir: str | None = None) -> Train
     data = run_data(config)
     model = build_run_model(config, data)
     load_model_state(model, state["model"], checkpoint_file(path))
-    epochs_done = state.get("epoch")
-    return TrainedRun(
-        model.eval(), data, config, epochs_done if isinstance(epochs_done, int) else None
-    )
+    epochs = state.get("epoch")
+    done = epochs if isinstance(epochs, int) else None
+    return TrainedRun(model.eval(), data, config, done, checkpoint_file(path).parent)
 
 
 def evaluate_run(

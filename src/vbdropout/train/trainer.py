@@ -106,16 +106,13 @@ def train(
     device = resolve_device(config.device)
     torch.set_flush_denormal(True)
     if config.nproc > 1 and "WORLD_SIZE" not in os.environ and not distributed.current().size > 1:
-        out = Path(config.out)
-        created = [folder for folder in (out, *out.parents) if not folder.exists()]
-        marked = rundir.prepare_out(out, force)
+        taken = rundir.claim(Path(config.out), force)
         try:
             distributed.spawn(config.nproc, device, _train_worker, config, resume)
         except BaseException:
-            if marked:  # the workers have exited: no lock is held
-                rundir.unclaim_unused(out, created)
+            taken.release_if_unused()
             raise
-        return json.loads((out / "summary.json").read_text())
+        return json.loads((Path(config.out) / "summary.json").read_text())
     world = distributed.init_from_env(device)
     if world.size > 1:
         config = dataclasses.replace(config, nproc=world.size)
@@ -239,12 +236,18 @@ def _train_locked(
     if not world.is_main:
         distributed.barrier()
         return {}
-    summary = run_summary(run)
-    previous = out / "summary.json"
-    if run.start_epoch >= config.epochs and previous.is_file():  # no step ran here
-        summary["step"] = json.loads(previous.read_text()).get("step", summary["step"])
-    atomic_write_json(previous, summary)
+    summary = write_summary(run, run_summary(run))
     distributed.barrier()
+    return summary
+
+
+def write_summary(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write ``summary`` as the run's ``summary.json``; a resume that ran no epoch keeps
+    the previous summary's ``step`` (how the run's steps ran). Returns what was written."""
+    path = run.out / "summary.json"
+    if run.start_epoch >= run.config.epochs and path.is_file():
+        summary["step"] = json.loads(path.read_text()).get("step", summary["step"])
+    atomic_write_json(path, summary)
     return summary
 
 
