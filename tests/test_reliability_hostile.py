@@ -836,3 +836,18 @@ def test_download_of_a_packaged_data_set_names_no_folder(
         "dataset": "digits",
         "folder": None,
     }
+
+
+def test_compress_refuses_a_zero_std_and_a_file_as_its_out(
+    tmp_path: Path, finished_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    factory = ["--factory", "mod:build", "--input-shape", "1,4,4"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", str(tmp_path / "net.pt"), *factory, "--std", "0.5,0"])
+    assert exit_info.value.code == 2
+    one_line_error(capsys, "--std: expected positive numbers, got '0.5,0'")
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    assert main(["compress", str(finished_run), "--out", str(afile)]) == 1
+    one_line_error(capsys, f"cannot export into {afile}: it is a file, not a folder")
+    assert afile.read_text() == "mine\n"

@@ -11,9 +11,10 @@ from ..experiments.executors import EXECUTORS
 from .options import (
     add_cut_options,
     count,
-    numbers,
+    finite_numbers,
     positive_float,
     positive_int,
+    positive_numbers,
     seeds,
     shape,
     thresholds_of,
@@ -214,10 +215,10 @@ def add_compress_parser(sub: Any) -> None:
     )
     compress.add_argument("--input-shape", type=shape, help="with --factory: e.g. 3,32,32")
     compress.add_argument(
-        "--mean", type=numbers, help="with --factory: input mean per channel (recorded)"
+        "--mean", type=finite_numbers, help="with --factory: input mean per channel (recorded)"
     )
     compress.add_argument(
-        "--std", type=numbers, help="with --factory: input std per channel (recorded)"
+        "--std", type=positive_numbers, help="with --factory: input std per channel (recorded)"
     )
     add_cut_options(compress)
     compress.add_argument("--json", action="store_true", help="print one JSON object as last line")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import NoReturn
 
 __all__ = [
@@ -89,6 +90,22 @@ def numbers(text: str, kind: type = float) -> tuple:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated {kind.__name__}s, got {text!r}"
         ) from None
+    return values
+
+
+def finite_numbers(text: str) -> tuple[float, ...]:
+    """Comma-separated finite floats (an input mean per channel)."""
+    values = numbers(text)
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
+
+
+def positive_numbers(text: str) -> tuple[float, ...]:
+    """Comma-separated positive finite floats (an input std per channel)."""
+    values = finite_numbers(text)
+    if not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
     return values
 
 

@@ -249,6 +249,8 @@ def export_compressed(
     units (``"own"``: each layer's own cut; see :mod:`~vbdropout.nn.prunable`).
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"cannot export into {out}: it is a file, not a folder")
     thresholds = {"log_alpha_threshold": log_alpha_threshold, "unit_threshold": unit_threshold}
     compressed = _compress(model, input_shape, thresholds)
     created = new_folders(out)
