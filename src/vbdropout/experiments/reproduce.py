@@ -190,11 +190,13 @@ def _summary_of_finished(run_dir: Path) -> dict[str, Any] | None:
     """The summary of a finished run, as its training wrote it (how its steps ran
     included); ``None`` for an unfinished run, or a summary of an older version that lacks
     an entry a cell records (``train`` then rewrites it)."""
-    if not _finished(run_dir):
+    path = run_dir / "summary.json"
+    if not path.is_file():
         return None
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads(path.read_text())  # one read for both checks (was two)
     needed = ("epochs", "test_error", "compression", "device", "train_seconds", "versions")
-    return summary if all(key in summary for key in needed) else None
+    finished = "diverged" not in summary and all(key in summary for key in needed)
+    return summary if finished else None
 
 
 def _reevaluate(
